@@ -194,6 +194,10 @@ class Settings:
                 return cluster
         raise KeyError(name)
 
+    def secrets(self) -> list[str]:
+        """Every secret value written in the config (for log redaction)."""
+        return [secret for _, conn in iter_connections(self) for secret in connection_secrets(conn)]
+
     def missing_files(self) -> list[FileRef]:
         """The referenced files that cannot be read here (e.g. a Secret not mounted)."""
         return [ref for ref in self.file_refs if not os.access(ref.path, os.R_OK)]
@@ -834,6 +838,17 @@ def load_config(
         for ref in settings.missing_files():
             raise ConfigError(shown, ref.key, f"cannot read file {ref.path!r}")
     return settings
+
+
+def connection_secrets(conn: ConnectionSettings) -> list[str]:
+    """Secret values written in one connection's settings: auth values and URL userinfo."""
+    out: list[str] = []
+    if conn.auth is not None:
+        out += [s.reveal() for s in (conn.auth.password, conn.auth.token) if s is not None]
+    for url in conn.servers:
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        out += [part for part in userinfo.split(":") if part]
+    return out
 
 
 def iter_connections(settings: Settings) -> Iterator[tuple[str, ConnectionSettings]]:

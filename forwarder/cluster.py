@@ -1,0 +1,215 @@
+"""``NatsCluster``: one target cluster's connection.
+
+State transitions (connect, close) are serialised by a lock; publishing is not: the
+fast path checks two attributes and hands the message to nats-py's buffered writer.
+nats-py reconnects by itself (several servers fail over); we never close a client
+because it is momentarily reconnecting. A publish after ``close()`` began raises
+``ClusterClosedError``; ``close()`` waits for the publishes already in flight, drains
+and closes, and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from .config import ClusterSettings, redact_url
+from .natsconn import ConnectionEvents, ConnectionStats, connect_options, header_block_size
+
+
+class ClusterError(Exception):
+    """A publish that the cluster cannot take now."""
+
+
+class ClusterClosedError(ClusterError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"cluster {name} is closing or closed")
+
+
+class MessageTooLargeError(ClusterError):
+    """Headers plus payload exceed the cluster's max_payload: it would never take it."""
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes exceeds max_payload {limit} of cluster {name}")
+        self.size = size
+        self.limit = limit
+
+
+class ClusterUnavailableError(ClusterError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"cluster {name} is not connected yet")
+
+
+class NatsCluster:
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.stats = ConnectionStats(settings.name)
+        self.forwarded = 0  # messages accepted by this cluster (buffered, confirmed or acked by mode)
+        self.publish_errors = 0
+        self.redeliveries = 0  # naks because of this cluster (JetStream source)
+        self.nc: Client | None = None
+        self._events = ConnectionEvents(self.stats, kind="cluster")
+        self.log = self._events.log
+        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._inflight = 0
+        self._drained = asyncio.Event()  # set by the last in-flight publish once closing began
+        self._closed_event = asyncio.Event()
+
+    # ---- state
+
+    @property
+    def connected(self) -> bool:
+        nc = self.nc
+        return nc is not None and nc.is_connected
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def pending_bytes(self) -> int:
+        """The outbound buffer: what waits to be written, the reconnect backlog while disconnected."""
+        nc = self.nc
+        return nc.pending_data_size if nc is not None else 0
+
+    @property
+    def pending_bytes_limit(self) -> int:
+        return self.settings.connection.pending_size
+
+    def subscription_pending(self) -> tuple[int, int]:
+        """Messages and bytes received on this connection and not yet processed (PubAck replies)."""
+        nc = self.nc
+        if nc is None:
+            return 0, 0
+        subs = list(nc._subs.values())  # nats-py has no public list of a client's subscriptions
+        return sum(s.pending_msgs for s in subs), sum(s.pending_bytes for s in subs)
+
+    @property
+    def max_payload(self) -> int:
+        nc = self.nc
+        return nc.max_payload if nc is not None and nc.is_connected else 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cluster's state for ``/clusters``: nothing secret (URLs are redacted)."""
+        state = (
+            "closed"
+            if self._closed
+            else "closing"
+            if self._closing
+            else "connected"
+            if self.connected
+            else "reconnecting"
+            if self.stats.ever_connected
+            else "connecting"
+        )
+        return {
+            "name": self.name,
+            "state": state,
+            "connected": self.connected,
+            "server": self.stats.connected_url if self.connected else None,
+            "servers": [redact_url(u) for u in self.settings.connection.servers],
+            "weight": self.settings.weight,
+            "jetstream": self.settings.jetstream is not None,
+            "forwarded": self.forwarded,
+            "publish_errors": self.publish_errors,
+            "reconnects": self.stats.reconnects,
+            "disconnects": self.stats.disconnects,
+            "pending_bytes": self.pending_bytes,
+            "pending_bytes_limit": self.settings.connection.pending_size,
+            "last_error": self.stats.last_error,
+        }
+
+    # ---- transitions
+
+    async def connect(self) -> None:
+        """Connect, retrying until it succeeds. Idempotent; concurrent callers share one attempt."""
+        async with self._lock:
+            if self._closing:
+                raise ClusterClosedError(self.name)
+            if self.nc is not None:
+                return
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            attempt = self._connecting
+        await asyncio.shield(attempt)
+
+    async def _connect(self) -> None:
+        nc = Client()
+        self._events.client = nc
+        # nats-py retries the initial connect forever when max_reconnect_attempts < 0,
+        # reporting each failure through error_cb (logged, rate-limited).
+        await nc.connect(**connect_options(self.settings.connection, self._events))
+        async with self._lock:
+            if self._closing:
+                await nc.close()
+                raise ClusterClosedError(self.name)
+            self.nc = nc
+        await self._events.on_connected()
+
+    async def close(self) -> None:
+        """Stop accepting publishes, wait for those in flight, drain and close. Idempotent."""
+        async with self._lock:
+            if self._closing:
+                already = True
+            else:
+                already = False
+                self._closing = True
+        if already:
+            await self._closed_event.wait()
+            return
+        if self._inflight:
+            await self._drained.wait()
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
+        nc = self.nc
+        if nc is not None and not nc.is_closed:
+            try:
+                if nc.is_connected:
+                    await nc.drain()  # flushes what is buffered, then closes
+                else:
+                    await nc.close()
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                self.log.warning("close_failed", error=str(exc))
+                await nc.close()
+        self._closed = True
+        self._closed_event.set()
+
+    # ---- the fast path
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Hand one message to the connection's buffered writer (no lock, no round trip)."""
+        if self._closing:
+            raise ClusterClosedError(self.name)
+        nc = self.nc
+        if nc is None:
+            raise ClusterUnavailableError(self.name)
+        size = len(payload)
+        if headers:
+            # nats-py checks the payload alone; a server sent more than max_payload
+            # including headers closes the connection, so check the sum here.
+            size += header_block_size(headers)
+        if size > nc.max_payload:
+            raise MessageTooLargeError(self.name, size, nc.max_payload)
+        self._inflight += 1
+        try:
+            await nc.publish(subject, payload, headers=headers)
+        finally:
+            self._inflight -= 1
+            if self.closing and not self._inflight:  # (the property: mypy would narrow the attribute)
+                self._drained.set()
+
+    async def flush(self, timeout: float) -> None:
+        """One round trip: when it returns, the server has every byte published before it."""
+        nc = self.nc
+        if nc is None:
+            raise ClusterUnavailableError(self.name)
+        await nc.flush(timeout=timeout)  # type: ignore[arg-type]

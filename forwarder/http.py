@@ -1,0 +1,166 @@
+"""The HTTP port: ``/metrics``, ``/healthz``, ``/readyz``, ``/route/{asset}``, ``/clusters``.
+
+A deliberately small HTTP/1.1 server on the service's event loop: GET and HEAD, one
+request per connection, bounded request size, a read timeout and a cap on concurrent
+connections, so a scraper or a hostile client cannot slow the forwarding down. Every
+body is computed from state that never holds a secret (server URLs are redacted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
+
+from .logs import get_logger
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+MAX_REQUEST_BYTES = 16 * 1024
+MAX_ASSET_BYTES = 1024
+READ_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    413: "Content Too Large", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
+}  # fmt: skip
+
+
+class StatusProvider(Protocol):
+    """What the HTTP endpoints show; implemented by the service."""
+
+    def metrics(self) -> bytes: ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def route(self, asset: str) -> dict[str, Any]: ...
+
+    def clusters_state(self) -> dict[str, Any]: ...
+
+
+Response = tuple[int, str, bytes]
+
+
+def _json(status: int, body: Any) -> Response:
+    return status, "application/json", json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(status: int, message: str) -> Response:
+    return _json(status, {"error": message})
+
+
+def decode_asset(raw: str) -> str | Response:
+    """Percent-decode an asset id from the path; a 400 response if it is not usable."""
+    try:
+        data = unquote_to_bytes(raw)
+    except (ValueError, TypeError):
+        return _error(400, "malformed asset id")
+    if not data:
+        return _error(400, "empty asset id")
+    if len(data) > MAX_ASSET_BYTES:
+        return _error(400, f"asset id longer than {MAX_ASSET_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(400, "asset id is not valid UTF-8")
+
+
+class HttpServer:
+    def __init__(self, host: str, port: int, provider: StatusProvider) -> None:
+        self.host = host
+        self.port = port
+        self._provider = provider
+        self._server: asyncio.Server | None = None
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._log = get_logger(component="http")
+        self._routes: dict[str, Callable[[], Response]] = {
+            "/metrics": lambda: (200, METRICS_CONTENT_TYPE, provider.metrics()),
+            "/healthz": lambda: _json(200, {"status": "ok"}),
+            "/readyz": self._readyz,
+            "/clusters": lambda: _json(200, provider.clusters_state()),
+        }
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_address=True, limit=MAX_REQUEST_BYTES
+        )
+        sockets = self._server.sockets
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        self._log.info("http_listening", host=self.host, port=self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _readyz(self) -> Response:
+        ready, body = self._provider.readiness()
+        return _json(200 if ready else 503, body)
+
+    def respond(self, method: str, target: str) -> Response:
+        """The response for one request line; pure, so it is easy to test."""
+        if method not in ("GET", "HEAD"):
+            return _error(405, "only GET and HEAD")
+        path = target.split("?", 1)[0]
+        handler = self._routes.get(path)
+        if handler is not None:
+            return handler()
+        if path.startswith("/route/"):
+            asset = decode_asset(path[len("/route/") :])
+            if isinstance(asset, tuple):
+                return asset
+            return _json(200, self._provider.route(asset))
+        return _error(404, "no such endpoint")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._slots.locked():
+            writer.close()  # at capacity: refuse rather than queue work behind the forwarding
+            return
+        async with self._slots:
+            try:
+                request = await self._handle(reader)
+                if request is not None:
+                    response, head_only = request
+                    await self._write(writer, *response, head_only=head_only)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            except Exception as exc:  # never a traceback to the client; one log line
+                self._log.error("http_handler_failed", error=type(exc).__name__)
+                await self._write(writer, *_error(500, "internal error"))
+            finally:
+                writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader) -> tuple[Response, bool] | None:
+        """Read one request head; the response and whether it is for a HEAD request."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            return _error(431, "request head too large"), False
+        except (TimeoutError, asyncio.IncompleteReadError):
+            return None
+        line = head.split(b"\r\n", 1)[0]
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return _error(400, "malformed request line"), False
+        try:
+            method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            return _error(400, "request line is not ASCII"), False
+        return self.respond(method, target), method == "HEAD"
+
+    @staticmethod
+    async def _write(
+        writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, *, head_only: bool = False
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Internal Server Error')}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer.write(head if head_only else head + body)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
