@@ -11,11 +11,15 @@ and closes, and is idempotent.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
+from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
 
 from .config import ClusterSettings, redact_url
 from .natsconn import ConnectionEvents, ConnectionStats, connect_options, header_block_size
@@ -53,6 +57,8 @@ class NatsCluster:
         self.publish_errors = 0
         self.redeliveries = 0  # naks because of this cluster (JetStream source)
         self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self._stream_known: dict[str, tuple[bool, float]] = {}  # subject -> (has a stream, checked at)
         self._events = ConnectionEvents(self.stats, kind="cluster")
         self.log = self._events.log
         self._lock = asyncio.Lock()
@@ -152,6 +158,11 @@ class NatsCluster:
                 await nc.close()
                 raise ClusterClosedError(self.name)
             self.nc = nc
+            if self.settings.jetstream is not None:
+                self.js = nc.jetstream(
+                    timeout=self.settings.jetstream.ack_timeout,
+                    publish_async_max_pending=self.settings.jetstream.max_pending,
+                )
         await self._events.on_connected()
 
     async def close(self) -> None:
@@ -185,8 +196,8 @@ class NatsCluster:
 
     # ---- the fast path
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Hand one message to the connection's buffered writer (no lock, no round trip)."""
+    def _client_for(self, payload: bytes, headers: dict[str, str] | None) -> Client:
+        """The connection, once we know it may take this message."""
         if self._closing:
             raise ClusterClosedError(self.name)
         nc = self.nc
@@ -199,6 +210,11 @@ class NatsCluster:
             size += header_block_size(headers)
         if size > nc.max_payload:
             raise MessageTooLargeError(self.name, size, nc.max_payload)
+        return nc
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Hand one message to the connection's buffered writer (no lock, no round trip)."""
+        nc = self._client_for(payload, headers)
         self._inflight += 1
         try:
             await nc.publish(subject, payload, headers=headers)
@@ -206,6 +222,48 @@ class NatsCluster:
             self._inflight -= 1
             if self.closing and not self._inflight:  # (the property: mypy would narrow the attribute)
                 self._drained.set()
+
+    async def publish_async(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[PubAck]:
+        """A JetStream publish whose PubAck arrives on the returned future.
+
+        At most ``jetstream.max_pending`` publishes await their PubAck at once: past that
+        this call waits, which slows the source down instead of buffering without bound.
+        """
+        self._client_for(payload, headers)
+        js = self.js
+        if js is None:
+            raise ClusterUnavailableError(self.name)
+        self._inflight += 1
+        try:
+            return await js.publish_async(subject, payload, headers=headers)
+        finally:
+            self._inflight -= 1
+            if self.closing and not self._inflight:
+                self._drained.set()
+
+    async def has_stream_for(self, subject: str) -> bool:
+        """Whether a JetStream stream on this cluster takes ``subject`` (cached for a few seconds).
+
+        "No responders" to a publish also happens while a replicated stream elects a
+        new leader: only the JetStream API can tell that apart from "no stream".
+        """
+        known = self._stream_known.get(subject)
+        if known is not None and time.monotonic() - known[1] < 5.0:
+            return known[0]
+        js = self.js
+        if js is None:
+            raise ClusterUnavailableError(self.name)
+        try:
+            await js.find_stream_name_by_subject(subject)
+            found = True
+        except nats.js.errors.NotFoundError:
+            found = False
+        if len(self._stream_known) > 10000:
+            self._stream_known.clear()
+        self._stream_known[subject] = (found, time.monotonic())
+        return found
 
     async def flush(self, timeout: float) -> None:
         """One round trip: when it returns, the server has every byte published before it."""

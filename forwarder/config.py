@@ -103,8 +103,6 @@ class JetStreamSourceSettings:
     backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
     deliver_policy: DeliverPolicy = "all"
     idle_heartbeat: float = 5.0
-    ack_batch: int = 1024  # most messages confirmed and acknowledged in one round
-    ack_interval: float = 0.005  # longest a confirmed batch waits for company
 
 
 @dataclass(frozen=True)
@@ -650,8 +648,6 @@ class _Loader:
             backoff=delays,
             deliver_policy=sec.choice("deliver_policy", ("all", "new", "last", "last_per_subject"), "all"),
             idle_heartbeat=sec.number("idle_heartbeat", 5.0, exclusive_minimum=0),
-            ack_batch=sec.number("ack_batch", 1024, integer=True, minimum=1),
-            ack_interval=sec.number("ack_interval", 0.005, minimum=0),
         )
         for name in ("stream", "durable"):
             if not SUBJECT_TOKEN_RE.match(getattr(settings, name)):

@@ -254,7 +254,7 @@ class _Demo:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             received = server.stats.received
-            per = " ".join(f"{n}={server.router.target(n).forwarded}" for n in names)
+            per = " ".join(f"{n}={server.cluster(n).forwarded}" for n in names)
             dead = sum(server.stats.dead_lettered.values())
             rate = (received - last) / (now - last_t)
             print(f"in={received} {per} dead={dead} rate={rate:,.0f}/s", flush=True)
@@ -275,7 +275,7 @@ class _Demo:
         print(f"\nsummary: sent={sent} received={server.stats.received} dead-lettered={dead}")
         ok = server.stats.received == sent
         for name, landing in landings.items():
-            forwarded = server.router.target(name).forwarded
+            forwarded = server.cluster(name).forwarded
             expected = self.expected[name]
             good = landing.received == expected and landing.misrouted == 0
             ok &= good

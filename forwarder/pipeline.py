@@ -30,7 +30,8 @@ TRUNCATED_HEADER = "Forwarder-Truncated"
 TOO_LARGE = "too_large"  # a dead-letter reason: the target's max_payload is smaller
 BAD_HEADERS = "bad_headers"  # a dead-letter reason: headers the target protocol cannot carry
 
-RouteFn = Callable[[str, Mapping[str, str] | None, bytes], "tuple[NatsCluster, str] | Rejection"]
+# (subject, headers, payload) -> (target, target subject) or why not; see router.Router.route
+RouteFn = Callable[[str, Mapping[str, str] | None, bytes], "tuple[Any, str] | Rejection"]
 
 
 class DeadLetterConnection(Protocol):
@@ -73,18 +74,24 @@ class DeadLetters:
             payload = payload[: max(0, limit - header_block_size(headers))]
         return payload, headers
 
-    async def send(self, msg: Msg, rejection: Rejection) -> None:
+    async def send(self, msg: Msg, rejection: Rejection) -> bool:
+        """Publish the dead letter (buffered); False if even that failed (counted, logged)."""
         self._stats.dead_lettered[rejection.reason] += 1
         payload, headers = self.build(msg, rejection)
         self._log.warning(
-            "dead_letter", rejection.reason, reason=rejection.reason, detail=rejection.detail,
+            "dead_letter",
+            rejection.reason,
+            reason=rejection.reason,
+            detail=rejection.detail,
             subject=printable(msg.subject)[:200],
-        )  # fmt: skip
+        )
         try:
             await self._connection.publish(self.subject, payload, headers)
         except (nats.errors.Error, ConnectionError, OSError) as exc:
             self._stats.dead_letter_failures += 1
             self._log.error("dead_letter_failed", "publish", error=str(exc))
+            return False
+        return True
 
 
 class CorePipeline:
@@ -95,6 +102,12 @@ class CorePipeline:
         self._dead_letters = dead_letters
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
+
+    def start(self) -> None:
+        """Nothing runs beside the handler in at-most-once mode."""
+
+    async def stop(self) -> None:
+        """Nothing to confirm: published messages are already in the targets' buffers."""
 
     async def handle(self, msg: Any) -> None:
         stats = self._stats

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import __version__
+from .acking import AckingPipeline, DeadLetterLane
 from .cluster import NatsCluster
 from .config import Settings, redact_url
 from .hashring import build_ring
@@ -22,7 +23,7 @@ from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
 from .pipeline import CorePipeline, DeadLetters
 from .router import Router
-from .source import CoreSource
+from .source import CoreSource, JetStreamSource
 from .stats import ForwardingStats
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -44,10 +45,21 @@ class Server:
             {c.name: c.weight for c in settings.clusters},
             replicas=settings.routing.hashing.replicas,
         )
-        self.router: Router[NatsCluster] = Router(settings.routing, ring, self._clusters)
-        self._source = CoreSource(settings.source)
-        self.dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
-        self.pipeline = CorePipeline(self.router.route, self.dead_letters, self.stats)
+        self.router: Router[Any]
+        self.pipeline: CorePipeline | AckingPipeline
+        if settings.source.jetstream is None:
+            self._source = CoreSource(settings.source)
+            dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
+            self.router = Router(settings.routing, ring, self._clusters)
+            self.pipeline = CorePipeline(self.router.route, dead_letters, self.stats)
+        else:
+            source = JetStreamSource(settings.source)
+            self._source = source
+            dead_letters = DeadLetters(settings.routing.dead_letter_subject, source, self.stats)
+            dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
+            lanes = AckingPipeline.lanes_for(list(self._clusters.values()), source, self.stats, dead)
+            self.router = Router(settings.routing, ring, lanes)
+            self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats)
         self._metrics = Metrics(self)
         self.http = HttpServer(settings.http.host, settings.http.port, self)
         self._exit_event: asyncio.Event | None = None
@@ -97,6 +109,9 @@ class Server:
 
     # ---- lifecycle
 
+    def cluster(self, name: str) -> NatsCluster:
+        return self._clusters[name]
+
     def run(self) -> int:
         """Run until a signal; the process exit code."""
         try:
@@ -136,10 +151,13 @@ class Server:
     async def startup(self) -> None:
         s = self.settings
         self.log.info(
-            "forwarder_starting", version=__version__, algorithm=self.algorithm,
-            clusters=sorted(self._clusters), source_subject=s.source.subject,
+            "forwarder_starting",
+            version=__version__,
+            algorithm=self.algorithm,
+            clusters=sorted(self._clusters),
+            source_subject=s.source.subject,
             mode="jetstream" if s.source.jetstream else "core",
-        )  # fmt: skip
+        )
         await self.http.start()
         loop = asyncio.get_running_loop()
         connects = [loop.create_task(c.connect()) for c in self.clusters]
@@ -149,6 +167,7 @@ class Server:
         await self._until_exit(asyncio.wait(connects, timeout=STARTUP_CLUSTER_WAIT))
         if self.should_exit:
             return
+        self.pipeline.start()
         await self._until_exit(self._source.start(self.pipeline.handle))
         if not self.should_exit:
             self.started.set()
@@ -193,6 +212,8 @@ class Server:
                 self.log.warning("shutdown_step_timed_out", step=what)
 
         await bounded(self._source.stop(), "stop_consuming")
+        await bounded(self.pipeline.stop(), "confirm_in_flight")
+        await bounded(self._source.flush(5.0), "flush_acks")
         await bounded(
             asyncio.gather(*(c.close() for c in self.clusters), return_exceptions=True), "close_clusters"
         )
@@ -202,7 +223,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.close()
         self.log.info(
-            "forwarder_stopped", received=self.stats.received,
+            "forwarder_stopped",
+            received=self.stats.received,
             forwarded={c.name: c.forwarded for c in self.clusters},
             dead_lettered=sum(self.stats.dead_lettered.values()),
-        )  # fmt: skip
+        )

@@ -1,0 +1,308 @@
+"""At-least-once forwarding from a JetStream source.
+
+The rule: a source message is acknowledged only after its target accepted it.
+
+Each target has a *lane*: messages are published into the target connection at once
+and wait in the lane's batch; the lane's own task confirms the whole batch (a core
+target: one flush round trip; a JetStream target: the PubAcks) and then acknowledges
+it with one write on the source connection. While a confirmation is in flight the
+next batch fills, so batches grow with the load and a round trip is never paid per
+message. Lanes are independent: a target that is down or slow delays its own
+messages only (they are negatively acknowledged with a back-off and come back later),
+the others keep flowing.
+
+A message that its target will never take (larger than its max_payload, no stream
+for the subject) goes to the dead-letter subject and is acknowledged once the source
+server confirmed the dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from .cluster import ClusterError, MessageTooLargeError, NatsCluster
+from .logs import RateLimitedLogger, get_logger
+from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn
+from .router import Rejection
+from .stats import ForwardingStats
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+NO_STREAM = "no_stream"  # a dead-letter reason: a JetStream target has no stream for the subject
+MAX_PAYLOAD_API_ERROR = 10054  # JetStream: "message size exceeds maximum allowed"
+
+
+class SourceAcks(Protocol):
+    """What the acking pipeline needs from the JetStream source."""
+
+    async def ack(self, msgs: Sequence[Msg]) -> None: ...
+
+    async def nak(self, msg: Msg, delay: float) -> None: ...
+
+    def backoff(self, msg: Msg) -> float: ...
+
+    async def flush(self, timeout: float) -> None: ...
+
+
+def source_msg_id(reply: str) -> str:
+    """``stream:sequence`` of a JetStream message, from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`` (9 tokens), or with a
+    domain and account hash (12 tokens). Redeliveries of one message share the id,
+    so the target stream's duplicate window drops them.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return f"{tokens[2]}:{tokens[5]}"
+    if len(tokens) >= 11:
+        return f"{tokens[4]}:{tokens[7]}"
+    return reply
+
+
+class Lane:
+    """Messages for one target between publish and acknowledgement."""
+
+    def __init__(self, name: str, acks: SourceAcks, stats: ForwardingStats, timeout: float) -> None:
+        self.name = name
+        self.acks = acks
+        self.stats = stats
+        self.timeout = timeout
+        self.log = RateLimitedLogger(get_logger(cluster=name))
+        self._batch: list[Any] = []
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.confirming = 0  # messages in the batch being confirmed right now
+
+    @property
+    def waiting(self) -> int:
+        """Messages published and not yet acknowledged or refused."""
+        return len(self._batch) + self.confirming
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"lane-{self.name}")
+
+    async def stop(self) -> None:
+        """Confirm what was submitted, then end the task."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    def _enqueue(self, item: Any) -> None:
+        self._batch.append(item)
+        if len(self._batch) == 1:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._batch:
+                if self._stopping:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            batch, self._batch = self._batch, []
+            self.confirming = len(batch)
+            try:
+                await self._confirm(batch)
+            except Exception as exc:  # a bug must not end the lane: refuse the batch, go on
+                self.log.error("lane_failed", "confirm", error=repr(exc))
+                for item in batch:
+                    await self._refuse(item[0] if isinstance(item, tuple) else item, "internal error")
+            finally:
+                self.confirming = 0
+
+    async def _confirm(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def _accepted(self, msgs: list[Msg]) -> None:
+        await self.acks.ack(msgs)
+        self.stats.latency.observe_batch(time.perf_counter(), [m.received_at for m in msgs])  # type: ignore[attr-defined]
+
+    async def _refuse(self, msg: Msg, why: str) -> None:
+        """Transient failure: negatively acknowledge with the back-off; it comes back later."""
+        delay = self.acks.backoff(msg)
+        self.log.warning("redelivery_scheduled", why, cluster=self.name, reason=why, delay=delay)
+        await self.acks.nak(msg, delay)
+
+
+class DeadLetterLane(Lane):
+    """Dead letters go out on the source connection; the original is acked once it confirmed them."""
+
+    def __init__(
+        self, dead_letters: DeadLetters, acks: SourceAcks, stats: ForwardingStats, timeout: float
+    ) -> None:
+        super().__init__("dead-letter", acks, stats, timeout)
+        self.dead_letters = dead_letters
+
+    async def submit(self, msg: Msg, rejection: Rejection) -> None:
+        if await self.dead_letters.send(msg, rejection):
+            self._enqueue(msg)
+        else:
+            await self._refuse(msg, "dead letter not published")
+
+    async def _confirm(self, batch: list[Any]) -> None:
+        try:
+            await self.acks.flush(self.timeout)
+        except (TimeoutError, nats.errors.Error, OSError):
+            for msg in batch:
+                await self._refuse(msg, "dead letter not confirmed")
+            return
+        await self.acks.ack(batch)
+
+
+class ClusterLane(Lane):
+    """A core target: published into the connection's buffer, confirmed by one flush per batch."""
+
+    def __init__(
+        self,
+        cluster: NatsCluster,
+        acks: SourceAcks,
+        stats: ForwardingStats,
+        dead: DeadLetterLane,
+        timeout: float,
+    ) -> None:
+        super().__init__(cluster.name, acks, stats, timeout)
+        self.cluster = cluster
+        self.dead = dead
+
+    async def submit(self, msg: Msg, subject: str) -> None:
+        cluster = self.cluster
+        if not cluster.connected:
+            await self._unavailable(msg)
+            return
+        try:
+            await cluster.publish(subject, msg.data, msg.headers)
+        except Exception as exc:
+            await self._publish_failed(msg, exc)
+            return
+        self._enqueue(msg)
+
+    async def _confirm(self, batch: list[Any]) -> None:
+        try:
+            await self.cluster.flush(self.timeout)
+        except (TimeoutError, ClusterError, nats.errors.Error, OSError) as exc:
+            self.cluster.publish_errors += len(batch)
+            for msg in batch:
+                await self._refuse(msg, f"not confirmed: {type(exc).__name__}")
+            return
+        self.cluster.forwarded += len(batch)
+        await self._accepted(batch)
+
+    async def _unavailable(self, msg: Msg) -> None:
+        await self._refuse(msg, "cluster unavailable")
+
+    async def _refuse(self, msg: Msg, why: str) -> None:
+        self.cluster.redeliveries += 1
+        await super()._refuse(msg, why)
+
+    async def _publish_failed(self, msg: Msg, exc: Exception) -> None:
+        if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
+            await self.dead.submit(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
+        elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
+            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+        elif isinstance(exc, ClusterError | nats.errors.Error | OSError | asyncio.TimeoutError):
+            self.cluster.publish_errors += 1
+            await self._refuse(msg, f"publish failed: {type(exc).__name__}")
+        else:
+            raise exc
+
+
+class JetStreamLane(ClusterLane):
+    """A JetStream target: asynchronous publishes with ``Nats-Msg-Id``, confirmed by their PubAcks."""
+
+    async def submit(self, msg: Msg, subject: str) -> None:
+        cluster = self.cluster
+        if not cluster.connected:
+            await self._unavailable(msg)
+            return
+        headers = dict(msg.headers) if msg.headers else {}
+        headers[MSG_ID_HEADER] = source_msg_id(msg.reply)
+        try:
+            future = await cluster.publish_async(subject, msg.data, headers)
+        except Exception as exc:
+            await self._publish_failed(msg, exc)
+            return
+        self._enqueue((msg, subject, future))
+
+    async def _confirm(self, batch: list[Any]) -> None:
+        _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
+        accepted: list[Msg] = []
+        for msg, subject, future in batch:
+            if future in pending:
+                future.cancel()
+                self.cluster.publish_errors += 1
+                await self._refuse(msg, "no PubAck in time")
+            elif future.cancelled() or future.exception() is not None:
+                await self._pub_ack_failed(msg, subject, future.exception())
+            else:
+                accepted.append(msg)
+        if accepted:
+            self.cluster.forwarded += len(accepted)
+            await self._accepted(accepted)
+
+    async def _pub_ack_failed(self, msg: Msg, subject: str, exc: BaseException | None) -> None:
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            try:
+                has_stream = await self.cluster.has_stream_for(subject)
+            except (TimeoutError, ClusterError, nats.errors.Error):
+                has_stream = True  # cannot tell now: treat as transient
+            if not has_stream:
+                await self.dead.submit(msg, Rejection(NO_STREAM, f"no stream on cluster {self.name} for it"))
+                return
+        elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == MAX_PAYLOAD_API_ERROR:
+            await self.dead.submit(
+                msg, Rejection(TOO_LARGE, exc.description or "larger than the stream allows")
+            )
+            return
+        self.cluster.publish_errors += 1
+        await self._refuse(msg, f"rejected: {type(exc).__name__}")
+
+
+class AckingPipeline:
+    """Routes each message into its target's lane; unroutable ones into the dead-letter lane."""
+
+    def __init__(
+        self, route: RouteFn, dead: DeadLetterLane, lanes: Mapping[str, ClusterLane], stats: ForwardingStats
+    ) -> None:
+        self._route = route
+        self._dead = dead
+        self.lanes = dict(lanes)
+        self._stats = stats
+
+    @staticmethod
+    def lanes_for(
+        clusters: Sequence[NatsCluster], acks: SourceAcks, stats: ForwardingStats, dead: DeadLetterLane
+    ) -> dict[str, ClusterLane]:
+        return {
+            c.name: (JetStreamLane if c.settings.jetstream is not None else ClusterLane)(
+                c, acks, stats, dead, c.settings.jetstream.ack_timeout if c.settings.jetstream else 5.0
+            )
+            for c in clusters
+        }
+
+    def start(self) -> None:
+        self._dead.start()
+        for lane in self.lanes.values():
+            lane.start()
+
+    async def stop(self) -> None:
+        """Confirm and acknowledge everything submitted so far (dead letters last)."""
+        await asyncio.gather(*(lane.stop() for lane in self.lanes.values()))
+        await self._dead.stop()
+
+    async def handle(self, msg: Any) -> None:
+        self._stats.received += 1
+        route = self._route(msg.subject, msg.headers, msg.data)
+        if route.__class__ is tuple:
+            lane, subject = route
+            await lane.submit(msg, subject)
+        else:
+            await self._dead.submit(msg, route)  # type: ignore[arg-type]
