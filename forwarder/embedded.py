@@ -115,19 +115,28 @@ def free_port() -> int:
 
 def pid_alive(pid: int) -> bool:
     """True while a process with this pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (a reused pid)
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        # The state letter follows the command name in parentheses, which may itself contain spaces.
-        state = stat.read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no procfs (macOS) or raced with exit: os.kill said it exists
-    return state not in ("Z", "X")
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    else:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else (a reused pid)
+            return True
+        try:
+            # The state letter follows the command name in parentheses, which may contain spaces.
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True  # no procfs (macOS) or raced with exit: os.kill said it exists
+        return state not in ("Z", "X")
 
 
 # --- child process set-up -------------------------------------------------------------------------
@@ -142,22 +151,25 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     PDEATHSIG fires when the *thread* that forked exits, so a server started from a worker thread
     would die with that thread: there we skip it and rely on stop()/atexit.
     """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
+    if sys.platform == "linux":
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+        parent = os.getpid()
+        sigkill = int(signal.SIGKILL)
 
-    def preexec() -> None:
-        # Resolved above, in the parent: the child between fork and exec only makes the call.
-        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigkill)
+        def preexec() -> None:
+            # Resolved above, in the parent: between fork and exec the child only makes the call.
+            prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), sigkill)
 
-    return preexec
+        return preexec
+    else:
+        return None
 
 
 def _popen(args: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
@@ -174,16 +186,17 @@ def _popen(args: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes
             cwd=cwd,
             creationflags=subprocess.CREATE_NEW_PROCESS_GROUP,
         )
-    return subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        close_fds=True,
-        start_new_session=True,
-        preexec_fn=_pdeathsig_preexec(),
-    )
+    else:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=_pdeathsig_preexec(),
+        )
 
 
 # --- live registry: the atexit safety net -----------------------------------------------------------
@@ -416,7 +429,7 @@ class LocalServer:
             if remaining <= 0:
                 self._raise_if_exited()
                 raise EmbeddedError(
-                    f"nats-server {self.name} not ready after {timeout:g}s ({last}){self._tail_text()}"
+                    f"nats-server {self.name} not ready after {timeout:.1f}s ({last}){self._tail_text()}"
                 )
             time.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.05)
@@ -592,7 +605,11 @@ def start_server(
 
 @dataclass(eq=False)
 class LocalCluster:
-    """N servers joined by routes: a real NATS cluster, each node a LocalServer named NAME-1..NAME-N."""
+    """N servers joined by routes: a real NATS cluster, each node a LocalServer named NAME-1..NAME-N.
+
+    ``node.start()`` after a kill waits only for that node; call ``wait_ready()`` to wait for its
+    routes (and, with JetStream, the meta leader) to come back.
+    """
 
     name: str
     nodes: list[LocalServer]
@@ -641,7 +658,7 @@ class LocalCluster:
                     missing = want - {node.name} - peers
                     if missing:
                         waiting.append(f"{node.name} has no route to {', '.join(sorted(missing))}")
-                    elif self.jetstream:
+                    elif node.jetstream and node.cluster_port is not None:
                         leader = (node.jsz().get("meta_cluster") or {}).get("leader")
                         if not leader:
                             waiting.append(f"{node.name} knows no JetStream meta leader")
@@ -651,7 +668,8 @@ class LocalCluster:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise EmbeddedError(f"cluster {self.name} not ready after {timeout:g}s: {'; '.join(waiting)}")
+                why = "; ".join(waiting)
+                raise EmbeddedError(f"cluster {self.name} not ready after {timeout:.1f}s: {why}")
             time.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.05)
 
@@ -669,7 +687,8 @@ def start_cluster(
     """Start ``size`` nodes that route to each other and wait until the cluster is formed.
 
     A port taken before a node could bind it restarts the whole cluster on new ports (every node's
-    routes name the others' ports), up to 3 attempts.
+    routes name the others' ports), up to 3 attempts. ``size=1`` gives a plain server without a
+    cluster block: nats-server refuses JetStream in a cluster that has no routes.
     """
     if size < 1:
         raise ValueError(f"cluster size must be at least 1, got {size}")
@@ -680,7 +699,7 @@ def start_cluster(
     deadline = time.monotonic() + timeout
     for attempt in range(1, _PORT_ATTEMPTS + 1):
         ports = free_ports(3 * size)
-        cluster_ports = ports[2::3]
+        cluster_ports: list[int | None] = list(ports[2::3]) if size > 1 else [None]
         cluster = LocalCluster(
             name=name,
             nodes=[
@@ -694,7 +713,7 @@ def start_cluster(
                     max_payload=max_payload,
                     extra_config=extra_config,
                     cluster_name=name,
-                    routes=[p for j, p in enumerate(cluster_ports) if j != i],
+                    routes=[p for j, p in enumerate(cluster_ports) if j != i and p is not None],
                 )
                 for i, node_name in enumerate(names)
             ],
