@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import http.client
 import itertools
 import json
 import os
@@ -218,13 +219,15 @@ def _stop_leftovers() -> None:
 
 
 def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
-    """(status, body) of a monitoring request; OSError when nothing answers."""
+    """(status, body) of a monitoring request; OSError when nothing (or nothing whole) answers."""
     try:
         with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
             return int(resp.status), resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:  # 4xx/5xx still carry the server's JSON explanation
         with exc:
             return exc.code, exc.read().decode("utf-8", "replace")
+    except http.client.HTTPException as exc:  # e.g. the server died mid-answer
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
@@ -297,7 +300,7 @@ class LocalServer:
     def config_text(self) -> str:
         """The nats-server config: one file for every option, including those without a CLI flag."""
         lines = [
-            f"server_name: {self.name}",
+            f"server_name: {_quote(self.name)}",
             f"listen: 127.0.0.1:{self.port}",
             f"http: 127.0.0.1:{self.http_port}",
         ]
@@ -308,7 +311,7 @@ class LocalServer:
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             lines.append(
-                f"cluster {{ name: {self.cluster_name or self.name}, "
+                f"cluster {{ name: {_quote(self.cluster_name or self.name)}, "
                 f"listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}"
             )
         if self.extra_config:
@@ -505,9 +508,9 @@ class LocalServer:
         return {str(r.get("remote_name") or r.get("remote_id")) for r in routes}
 
 
-def _quote(path: Path) -> str:
-    # NATS config strings take JSON-style escapes; keep non-ASCII as is.
-    return json.dumps(str(path), ensure_ascii=False)
+def _quote(value: Path | str) -> str:
+    # NATS config strings take JSON-style escapes; quoted, a name like "1" or "true" stays a string.
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _claim(workdir: Path, name: str) -> None:
