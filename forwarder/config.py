@@ -25,6 +25,7 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 SUBJECT_TOKEN_RE = re.compile(r"^[^\s.*>]+$")
 TEMPLATE_FIELD_RE = re.compile(r"\{([^{}]*)\}")
 ENV_REF_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{[^}]*\}?")
+URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 SCHEMES = ("nats", "tls")
 
 KeyKind = Literal["subject_token", "header", "json_field"]
@@ -203,19 +204,18 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``nats://user:pass@host:4222`` -> ``nats://***:***@host:4222``: never show userinfo."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    at = rest.rfind("@", 0, _authority_end(rest))
+    """``nats://user:pass@host:4222`` -> ``nats://***:***@host:4222``: never show userinfo.
+
+    Everything up to the last ``@`` counts as userinfo, even a ``/``, ``?`` or ``#`` (a
+    password is not always percent-encoded), and a URL without a scheme is redacted too.
+    """
+    m = URL_SCHEME_RE.match(url)
+    prefix = m.group(0) if m else ""
+    rest = url[len(prefix) :]
+    at = rest.rfind("@")
     if at < 0:
         return url
-    return f"{scheme}://***:***@{rest[at + 1 :]}" if ":" in rest[:at] else f"{scheme}://***@{rest[at + 1 :]}"
-
-
-def _authority_end(rest: str) -> int:
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends) if ends else len(rest)
+    return f"{prefix}***:***@{rest[at + 1 :]}" if ":" in rest[:at] else f"{prefix}***@{rest[at + 1 :]}"
 
 
 def server_address(url: str) -> tuple[str, int]:
@@ -549,7 +549,10 @@ class _Loader:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise sec.error(key, f"bad server URL {shown}: {exc}") from None
+            # urllib quotes the port or the netloc, which is part of the password when the
+            # password has an unencoded '/', '?' or '#': then say it without the quote.
+            reason = str(exc) if "@" not in url else "cannot parse the host and port"
+            raise sec.error(key, f"bad server URL {shown}: {reason}") from None
         if parts.scheme not in SCHEMES:
             raise sec.error(key, f"bad server URL {shown}: scheme must be nats:// or tls://")
         if not parts.hostname:

@@ -1256,6 +1256,14 @@ def test_bad_source_jetstream(cfg: Cfg, block: dict[str, Any], key: str, phrase:
         ("tls://[::1]:4222", "tls://[::1]:4222"),
         ("host:4222", "host:4222"),
         ("", ""),
+        # A password with an unencoded '/', '?' or '#' is still userinfo, not a path.
+        ("nats://user:pa/ss@host:4222", "nats://***:***@host:4222"),
+        ("nats://user:pa?ss@host", "nats://***:***@host"),
+        ("nats://user:pa#ss@host", "nats://***:***@host"),
+        # Without a scheme (a typo in the config), userinfo is redacted too.
+        ("user:pass@host:4222", "***:***@host:4222"),
+        ("user@host", "***@host"),
+        ("u:a://b@host", "***:***@host"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
@@ -1291,3 +1299,48 @@ def test_settings_repr_shows_no_auth_secret(cfg: Cfg) -> None:
     for text in (repr(s), str(s), f"{s}"):
         assert PASSWORD not in text
         assert TOKEN not in text
+
+
+URL_PASSWORD = "Hunt3r-Pw"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"user:{URL_PASSWORD}@host:4222",  # no scheme
+        f"http://user:{URL_PASSWORD}@host:4222",
+        f"nats://user:{URL_PASSWORD}@host:abc",
+        f"nats://user:{URL_PASSWORD}@host:65536",
+        f"nats://user:{URL_PASSWORD}@host:0",
+        f"nats://user:{URL_PASSWORD}@",
+        f"nats://user:{URL_PASSWORD}@host/path",
+        f"nats://user:{URL_PASSWORD}@[::1",
+        f"nats://{URL_PASSWORD}@host:abc",  # a token
+        # unencoded '/', '?', '#' in the password: urllib splits the URL inside it
+        f"nats://user:{URL_PASSWORD}/x@host:4222",
+        f"nats://user:x/{URL_PASSWORD}@host:4222",
+        f"nats://user:{URL_PASSWORD}?x@host:4222",
+        f"nats://user:{URL_PASSWORD}#x@host:4222",
+    ],
+)
+@pytest.mark.parametrize("where", ["source", "clusters.C1"])
+def test_bad_server_url_never_shows_the_password(cfg: Cfg, url: str, where: str) -> None:
+    err = cfg.expect(edited((f"{where}.servers", [url])), f"{where}.servers[0]", "bad server URL")
+    assert_secret_not_in(err, URL_PASSWORD)
+
+
+def test_duplicate_server_never_shows_the_password(cfg: Cfg) -> None:
+    url = f"nats://user:{URL_PASSWORD}@host:4222"
+    err = cfg.expect(
+        edited(("clusters.C1.servers", [url, url])), "clusters.C1.servers[1]", "duplicate server"
+    )
+    assert_secret_not_in(err, URL_PASSWORD)
+    doc = edited(("clusters.C2", {"servers": [url]}), ("clusters.C1.servers", [url.replace("host", "HOST")]))
+    err = cfg.expect(doc, "clusters.C2.servers[0]", "is also in cluster C1")
+    assert_secret_not_in(err, URL_PASSWORD)
+
+
+def test_env_cluster_error_never_shows_the_password(cfg: Cfg) -> None:
+    err = cfg.error(edited(("clusters", DELETE)), env={"NATS_CLUSTER_X": f"http://u:{URL_PASSWORD}@x"})
+    assert_error(err, "environment NATS_CLUSTER_X", "X.servers[0]", "bad server URL")
+    assert_secret_not_in(err, URL_PASSWORD)
