@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -92,6 +92,12 @@ class ConnectionSettings:
     pending_size: int = 8 * 1024 * 1024
     auth: AuthSettings | None = None
     tls: TlsSettings | None = None
+
+    def __repr__(self) -> str:
+        # A server URL may carry user:password@: a repr (a log line, a traceback) shows it redacted.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["servers"] = tuple(redact_url(url) for url in self.servers)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 @dataclass(frozen=True)

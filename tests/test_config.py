@@ -1301,6 +1301,36 @@ def test_settings_repr_shows_no_auth_secret(cfg: Cfg) -> None:
         assert TOKEN not in text
 
 
+def test_settings_repr_shows_no_password_from_a_server_url(cfg: Cfg) -> None:
+    doc = edited(
+        ("source.servers", [f"nats://user:{URL_PASSWORD}@src:4222"]),
+        ("clusters.C1.servers", [f"tls://{TOKEN}@c1:4222", "nats://c1-b:4222"]),
+        ("clusters.C2", {"servers": ["${C2_URL}"]}),
+    )
+    s = cfg.load(doc, env={"C2_URL": "nats://u:env-" + PASSWORD + "@c2"})
+    assert s.source.connection.servers == (f"nats://user:{URL_PASSWORD}@src:4222",), (
+        "connect with the real URL"
+    )
+    for text in (repr(s), str(s), repr(s.clusters), repr(s.source.connection)):
+        assert URL_PASSWORD not in text
+        assert TOKEN not in text
+        assert PASSWORD not in text
+    assert "nats://***:***@src:4222" in repr(s)
+    assert "tls://***@c1:4222" in repr(s)
+    assert "nats://c1-b:4222" in repr(s)
+
+
+def test_connection_repr_still_shows_every_field(cfg: Cfg) -> None:
+    connection = cfg.load(edited(("source.connect_timeout", 7))).source.connection
+    text = repr(connection)
+    assert text.startswith(
+        "ConnectionSettings(servers=('nats://127.0.0.1:4222',), name='asset-forwarder-source'"
+    )
+    for f in dataclasses.fields(connection):
+        assert f"{f.name}=" in text
+    assert "connect_timeout=7.0" in text
+
+
 URL_PASSWORD = "Hunt3r-Pw"
 
 
