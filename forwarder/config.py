@@ -289,8 +289,11 @@ def _expand_env(value: str, env: Mapping[str, str], fail: Callable[[str], Config
         if whole == "$$":
             return "$"
         name = m.group(1)
-        if name is None:
-            raise fail(f"malformed environment reference {whole!r} (use ${{VAR}} or ${{VAR:-default}})")
+        if name is None:  # not quoted: the value may be a password that happens to hold "${"
+            raise fail(
+                f"malformed environment reference at character {m.start() + 1} "
+                "(use ${VAR} or ${VAR:-default}; $$ for a literal $)"
+            )
         val = env.get(name)
         if val:
             return val

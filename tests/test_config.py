@@ -684,6 +684,24 @@ def test_malformed_env_reference(cfg: Cfg, value: str) -> None:
     cfg.expect(edited(("http.host", value)), "http.host", "malformed environment reference", env={"H": "x"})
 
 
+def test_malformed_env_reference_says_where(cfg: Cfg) -> None:
+    cfg.expect(edited(("http.host", "abc${")), "http.host", "malformed environment reference at character 4")
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("clusters.C1.auth", {"user": "u", "password": "S3cr${etPw"}), "clusters.C1.auth.password"),
+        (("clusters.C1.auth", {"token": "${S3cretTok"}), "clusters.C1.auth.token"),
+        (("clusters.C1.servers", ["nats://u:S3cr${etPw@host"]), "clusters.C1.servers[0]"),
+    ],
+    ids=["password", "token", "url"],
+)
+def test_malformed_env_reference_in_a_secret_is_not_shown(cfg: Cfg, edit: tuple[str, Any], key: str) -> None:
+    err = cfg.expect(edited(edit), key, "malformed environment reference")
+    assert_secret_not_in(err, "S3cr", "etPw", "S3cretTok")
+
+
 def test_env_values_are_not_parsed_as_yaml(cfg: Cfg) -> None:
     s = cfg.load(edited(("http.host", "${H}")), env={"H": "[a, b]: {c}"})
     assert s.http.host == "[a, b]: {c}"
