@@ -409,13 +409,14 @@ class _Section:
 
     def text_list(self, name: str, default: Any = _MISSING) -> tuple[str, ...]:
         value = self.raw(name, default)
+        expanded = isinstance(value, str)  # raw() expanded it: its items must not be expanded again
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")] if isinstance(value, _Expanded) else [value]
         if not isinstance(value, list):
             raise self.error(name, f"must be a list of strings, got {_type_name(value)}")
         out = []
         for i, item in enumerate(value):
-            if isinstance(item, str):
+            if isinstance(item, str) and not expanded:
                 item = _expand_env(item, self.loader.env, self._failer(f"{name}[{i}]"))
             if not isinstance(item, str) or not item:
                 raise self.error(f"{name}[{i}]", f"must be a non-empty string, got {_type_name(item)}")

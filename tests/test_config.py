@@ -772,6 +772,27 @@ def test_servers_from_one_env_var_with_a_comma_separated_list(cfg: Cfg) -> None:
     assert s.clusters[0].connection.servers == ("nats://a:4222", "nats://b:4222", "nats://c:4222")
 
 
+@pytest.mark.parametrize(
+    ("value", "servers"),
+    [
+        ("nats://u:pa$$w@h", ("nats://u:pa$$w@h",)),
+        ("nats://u:pa${X}w@h,nats://b", ("nats://u:pa${X}w@h", "nats://b")),
+        ("nats://u:pa${w@h", ("nats://u:pa${w@h",)),
+    ],
+)
+def test_env_values_are_taken_literally(cfg: Cfg, value: str, servers: tuple[str, ...]) -> None:
+    """A value from the environment is not expanded again (a password may hold '$')."""
+    s = cfg.load(edited(("clusters.C1.servers", "${S}")), env={"S": value, "X": "expanded"})
+    assert s.clusters[0].connection.servers == servers
+    s = cfg.load(edited(("clusters.C1.servers", ["${S}"])), env={"S": value.split(",")[0], "X": "expanded"})
+    assert s.clusters[0].connection.servers == servers[:1]
+
+
+def test_escaped_reference_in_a_single_server_string(cfg: Cfg) -> None:
+    s = cfg.load(edited(("clusters.C1.servers", "nats://u:p$${X}@h")), env={"X": "expanded"})
+    assert s.clusters[0].connection.servers == ("nats://u:p${X}@h",)
+
+
 def test_servers_list_items_from_env(cfg: Cfg) -> None:
     s = cfg.load(
         edited(("clusters.C1.servers", ["${A}", "nats://${B_HOST}:4222"])),
