@@ -42,7 +42,14 @@ class ConfigError(Exception):
         self.file = file
         self.key = key
         self.message = message
-        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+        super().__init__(_one_line(f"{file}: {key}: {message}" if key else f"{file}: {message}"))
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a YAML key or value) escaped: an error stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)

@@ -1413,3 +1413,26 @@ def test_env_cluster_error_never_shows_the_password(cfg: Cfg) -> None:
     err = cfg.error(edited(("clusters", DELETE)), env={"NATS_CLUSTER_X": f"http://u:{URL_PASSWORD}@x"})
     assert_error(err, "environment NATS_CLUSTER_X", "X.servers[0]", "bad server URL")
     assert_secret_not_in(err, URL_PASSWORD)
+
+
+@pytest.mark.parametrize(
+    ("edit", "shown"),
+    [
+        (("clusters", {"a\nb": {"servers": ["nats://c"]}}), "clusters.a\\nb: cluster names"),
+        (("clusters.C1.x\ny", 1), "clusters.C1.x\\ny: unknown key"),
+        (("clusters.C1.x\u2028y", 1), "clusters.C1.x\\u2028y: unknown key"),
+        (
+            ("clusters.C1.servers", ["http://a\r\nb"]),
+            "clusters.C1.servers[0]: bad server URL http://a\\r\\nb",
+        ),
+        (("log.level", "info\n"), "log.level: must be one of"),
+    ],
+    ids=["cluster-name", "unknown-key", "line-separator", "url", "choice"],
+)
+def test_control_characters_never_break_the_one_line(cfg: Cfg, edit: tuple[str, Any], shown: str) -> None:
+    err = cfg.error(edited(edit))
+    text = str(err)
+    assert len(text.splitlines()) == 1, repr(text)
+    assert text.isprintable(), repr(text)
+    assert text.startswith(f"{cfg.path}: ")
+    assert shown in text
