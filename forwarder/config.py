@@ -562,6 +562,8 @@ class _Loader:
         shown = redact_url(url)
         if "://" not in url:
             raise sec.error(key, f"bad server URL {shown}: expected nats://host:port or tls://host:port")
+        if not url.isprintable() or any(c.isspace() for c in url):  # urllib drops tabs and newlines
+            raise sec.error(key, f"bad server URL {shown}: contains whitespace or control characters")
         try:
             parts = urlsplit(url)
             port = parts.port

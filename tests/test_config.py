@@ -472,6 +472,11 @@ def test_valid_server_urls(cfg: Cfg) -> None:
         ("nats://host:4222/path", "unexpected path or query"),
         ("nats://host:4222?x=1", "unexpected path or query"),
         ("nats://host:4222#frag", "unexpected path or query"),
+        ("nats://ho st:4222", "contains whitespace"),
+        ("nats://a:4222, nats://b:4222", "contains whitespace"),  # a list in one string
+        ("nats://ho\tst:4222", "contains whitespace"),  # urllib would drop the tab silently
+        ("nats://host:42\n22", "contains whitespace"),
+        ("nats://host\x00:4222", "control characters"),
     ],
 )
 @pytest.mark.parametrize("where", ["source", "clusters.C1"])
@@ -1422,8 +1427,8 @@ def test_env_cluster_error_never_shows_the_password(cfg: Cfg) -> None:
         (("clusters.C1.x\ny", 1), "clusters.C1.x\\ny: unknown key"),
         (("clusters.C1.x\u2028y", 1), "clusters.C1.x\\u2028y: unknown key"),
         (
-            ("clusters.C1.servers", ["http://a\r\nb"]),
-            "clusters.C1.servers[0]: bad server URL http://a\\r\\nb",
+            ("clusters.C1.servers", ["nats://a\r\nb"]),
+            "clusters.C1.servers[0]: bad server URL nats://a\\r\\nb",
         ),
         (("log.level", "info\n"), "log.level: must be one of"),
     ],
