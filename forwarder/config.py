@@ -260,7 +260,9 @@ class _BoundedLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool):
+                continue  # a list or mapping as a key: SafeLoader reports it below
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -288,6 +290,8 @@ def _read_yaml(path: Path, shown: str) -> Any:
         raise ConfigError(shown, "", f"YAML syntax error{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(shown, "", f"YAML error: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(shown, "", "YAML error: nested too deeply") from None
 
 
 def _expand_env(value: str, env: Mapping[str, str], fail: Callable[[str], ConfigError]) -> str:

@@ -1003,6 +1003,26 @@ def test_yaml_duplicate_key(cfg: Cfg, text: str, phrase: str) -> None:
     cfg.expect(text, "", phrase)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "? [a, b]\n: c\nsource: {servers: [nats://a]}\n",
+        "{a: 1}: c\nsource: {servers: [nats://a]}\n",
+        "source:\n  ? [x]\n  : 1\n",
+    ],
+    ids=["list-key", "mapping-key", "nested"],
+)
+def test_yaml_unhashable_key(cfg: Cfg, text: str) -> None:
+    cfg.expect(text, "", "YAML syntax error", "unhashable key")
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 5_000, "{a: " * 5_000, "- " * 5_000 + "x"], ids=["list", "map", "block"]
+)
+def test_yaml_nested_too_deeply(cfg: Cfg, text: str) -> None:
+    cfg.expect(text, "", "YAML error: nested too deeply")
+
+
 def test_yaml_alias_bomb_is_rejected_quickly(cfg: Cfg) -> None:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for level in range(1, 10):
