@@ -1046,6 +1046,32 @@ def test_a_few_yaml_aliases_are_fine(cfg: Cfg) -> None:
     assert s.clusters[1].connection.auth == s.clusters[0].connection.auth
 
 
+def test_yaml_merge_keys_share_cluster_defaults(cfg: Cfg) -> None:
+    text = (
+        "source: {servers: [nats://a]}\n"
+        "clusters:\n"
+        "  C1: &defaults {servers: [nats://b], connect_timeout: 5, ping_interval: 7}\n"
+        "  C2:\n"
+        "    <<: *defaults\n"
+        "    servers: [nats://c]\n"
+        "    ping_interval: 9\n"
+    )
+    c1, c2 = cfg.load(text).clusters
+    assert c2.connection.servers == ("nats://c",)
+    assert c2.connection.connect_timeout == 5.0
+    assert (c1.connection.ping_interval, c2.connection.ping_interval) == (7.0, 9.0)
+
+
+def test_yaml_merge_keeps_the_duplicate_key_check(cfg: Cfg) -> None:
+    text = (
+        "source: {servers: [nats://a]}\n"
+        "clusters:\n"
+        "  C1: &d {servers: [nats://b]}\n"
+        "  C2: {<<: *d, servers: [nats://c], servers: [nats://e]}\n"
+    )
+    cfg.expect(text, "", "duplicate key 'servers'")
+
+
 def test_file_larger_than_1_mib_is_rejected(cfg: Cfg) -> None:
     body = yaml.safe_dump(minimal()).encode()
     padding = b"#" * (MAX_CONFIG_BYTES + 1 - len(body) - 1) + b"\n"
