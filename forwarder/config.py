@@ -663,8 +663,8 @@ class _Loader:
         else:
             if not isinstance(backoff, list) or not backoff:
                 raise sec.error("backoff", f"must be a non-empty list of seconds, got {_type_name(backoff)}")
-            sub = _Section(self, {f"[{i}]": v for i, v in enumerate(backoff)}, sec.key("backoff"))
-            delays = tuple(sub.number(f"[{i}]", exclusive_minimum=0) for i in range(len(backoff)))
+            sub = _Section(self, {f"backoff[{i}]": v for i, v in enumerate(backoff)}, sec.path)
+            delays = tuple(sub.number(f"backoff[{i}]", exclusive_minimum=0) for i in range(len(backoff)))
         settings = JetStreamSourceSettings(
             stream=sec.text("stream"),
             durable=sec.text("durable", "asset-forwarder"),

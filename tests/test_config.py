@@ -1307,6 +1307,30 @@ def test_source_jetstream_settings(cfg: Cfg) -> None:
 
 
 @pytest.mark.parametrize(
+    ("backoff", "index", "phrase"),
+    [
+        ([1, 0], 1, "must be > 0"),
+        ([-2], 0, "must be > 0"),
+        ([1, 2, "x"], 2, "must be a number, got a string"),
+        ([1, True], 1, "must be a number, got a boolean"),
+        ([[1]], 0, "must be a number, got a list"),
+        ([1, None], 1, "is required"),
+        ([float("inf")], 0, "must be a finite number"),
+    ],
+)
+def test_bad_source_jetstream_backoff_item(cfg: Cfg, backoff: list[Any], index: int, phrase: str) -> None:
+    doc = edited(("source.jetstream", {"stream": "S", "backoff": backoff}))
+    cfg.expect(doc, f"source.jetstream.backoff[{index}]", phrase)
+
+
+def test_source_jetstream_backoff_from_env(cfg: Cfg) -> None:
+    doc = edited(("source.jetstream", {"stream": "S", "backoff": ["${FIRST}", 4]}))
+    assert cfg.load(doc, env={"FIRST": "0.5"}).source.jetstream == JetStreamSourceSettings(
+        stream="S", durable="asset-forwarder", backoff=(0.5, 4.0)
+    )
+
+
+@pytest.mark.parametrize(
     ("block", "key", "phrase"),
     [
         ({}, "source.jetstream.stream", "is required"),
