@@ -26,6 +26,7 @@ from forwarder.config import (
     JetStreamTargetSettings,
     Secret,
     Settings,
+    iter_connections,
     load_config,
     redact_url,
 )
@@ -256,6 +257,15 @@ def test_settings_are_frozen(cfg: Cfg) -> None:
         s.workers = 2  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.source.connection.servers = ()  # type: ignore[misc]
+
+
+def test_iter_connections_yields_the_source_then_each_cluster(cfg: Cfg) -> None:
+    s = cfg.load(edited(("clusters.C2", {"servers": ["nats://c2"]})))
+    assert [(name, conn.servers) for name, conn in iter_connections(s)] == [
+        ("source", (SOURCE_URL,)),
+        ("C1", (C1_URL,)),
+        ("C2", ("nats://c2",)),
+    ]
 
 
 def test_header_and_json_field_keys(cfg: Cfg) -> None:
@@ -945,6 +955,18 @@ def test_directory_instead_of_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path, env={})
     assert_error(info.value, tmp_path, "", "cannot read the file")
+
+
+def test_unreadable_file_even_as_root(cfg: Cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = cfg.write(minimal())
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert_error(info.value, path, "", "cannot read the file (Permission denied)")
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
