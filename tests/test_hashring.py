@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 
-from forwarder.hashring import CachedRing, OpenFactoryRing, RendezvousRing, build_ring
+from forwarder.hashring import CachedRing, OpenFactoryRing, RendezvousRing, Ring, build_ring
 
 SEED = 20240601
 N_KEYS = 200_000
@@ -51,7 +51,7 @@ EDGE_KEYS = (
 )
 
 
-def assign(ring: OpenFactoryRing | RendezvousRing | CachedRing, keys: Iterable[str]) -> list[str]:
+def assign(ring: Ring, keys: Iterable[str]) -> list[str]:
     return [ring.cluster_for(key) for key in keys]
 
 
