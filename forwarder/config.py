@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +25,7 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 SUBJECT_TOKEN_RE = re.compile(r"^[^\s.*>]+$")
 TEMPLATE_FIELD_RE = re.compile(r"\{([^{}]*)\}")
 ENV_REF_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{[^}]*\}?")
+URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 SCHEMES = ("nats", "tls")
 
 KeyKind = Literal["subject_token", "header", "json_field"]
@@ -41,7 +42,14 @@ class ConfigError(Exception):
         self.file = file
         self.key = key
         self.message = message
-        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+        super().__init__(_one_line(f"{file}: {key}: {message}" if key else f"{file}: {message}"))
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a YAML key or value) escaped: an error stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,12 @@ class ConnectionSettings:
     pending_size: int = 8 * 1024 * 1024
     auth: AuthSettings | None = None
     tls: TlsSettings | None = None
+
+    def __repr__(self) -> str:
+        # A server URL may carry user:password@: a repr (a log line, a traceback) shows it redacted.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["servers"] = tuple(redact_url(url) for url in self.servers)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 @dataclass(frozen=True)
@@ -205,19 +219,18 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``nats://user:pass@host:4222`` -> ``nats://***:***@host:4222``: never show userinfo."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    at = rest.rfind("@", 0, _authority_end(rest))
+    """``nats://user:pass@host:4222`` -> ``nats://***:***@host:4222``: never show userinfo.
+
+    Everything up to the last ``@`` counts as userinfo, even a ``/``, ``?`` or ``#`` (a
+    password is not always percent-encoded), and a URL without a scheme is redacted too.
+    """
+    m = URL_SCHEME_RE.match(url)
+    prefix = m.group(0) if m else ""
+    rest = url[len(prefix) :]
+    at = rest.rfind("@")
     if at < 0:
         return url
-    return f"{scheme}://***:***@{rest[at + 1 :]}" if ":" in rest[:at] else f"{scheme}://***@{rest[at + 1 :]}"
-
-
-def _authority_end(rest: str) -> int:
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends) if ends else len(rest)
+    return f"{prefix}***:***@{rest[at + 1 :]}" if ":" in rest[:at] else f"{prefix}***@{rest[at + 1 :]}"
 
 
 def server_address(url: str) -> tuple[str, int]:
@@ -248,8 +261,12 @@ class _BoundedLoader(yaml.SafeLoader):
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults": the merged keys may be overridden, that is its point
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool):
+                continue  # a list or mapping as a key: SafeLoader reports it below
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -277,6 +294,8 @@ def _read_yaml(path: Path, shown: str) -> Any:
         raise ConfigError(shown, "", f"YAML syntax error{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(shown, "", f"YAML error: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(shown, "", "YAML error: nested too deeply") from None
 
 
 def _expand_env(value: str, env: Mapping[str, str], fail: Callable[[str], ConfigError]) -> str:
@@ -285,8 +304,11 @@ def _expand_env(value: str, env: Mapping[str, str], fail: Callable[[str], Config
         if whole == "$$":
             return "$"
         name = m.group(1)
-        if name is None:
-            raise fail(f"malformed environment reference {whole!r} (use ${{VAR}} or ${{VAR:-default}})")
+        if name is None:  # not quoted: the value may be a password that happens to hold "${"
+            raise fail(
+                f"malformed environment reference at character {m.start() + 1} "
+                "(use ${VAR} or ${VAR:-default}; $$ for a literal $)"
+            )
         val = env.get(name)
         if val:
             return val
@@ -402,13 +424,14 @@ class _Section:
 
     def text_list(self, name: str, default: Any = _MISSING) -> tuple[str, ...]:
         value = self.raw(name, default)
+        expanded = isinstance(value, str)  # raw() expanded it: its items must not be expanded again
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")] if isinstance(value, _Expanded) else [value]
         if not isinstance(value, list):
             raise self.error(name, f"must be a list of strings, got {_type_name(value)}")
         out = []
         for i, item in enumerate(value):
-            if isinstance(item, str):
+            if isinstance(item, str) and not expanded:
                 item = _expand_env(item, self.loader.env, self._failer(f"{name}[{i}]"))
             if not isinstance(item, str) or not item:
                 raise self.error(f"{name}[{i}]", f"must be a non-empty string, got {_type_name(item)}")
@@ -547,11 +570,16 @@ class _Loader:
         shown = redact_url(url)
         if "://" not in url:
             raise sec.error(key, f"bad server URL {shown}: expected nats://host:port or tls://host:port")
+        if not url.isprintable() or any(c.isspace() for c in url):  # urllib drops tabs and newlines
+            raise sec.error(key, f"bad server URL {shown}: contains whitespace or control characters")
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise sec.error(key, f"bad server URL {shown}: {exc}") from None
+            # urllib quotes the port or the netloc, which is part of the password when the
+            # password has an unencoded '/', '?' or '#': then say it without the quote.
+            reason = str(exc) if "@" not in url else "cannot parse the host and port"
+            raise sec.error(key, f"bad server URL {shown}: {reason}") from None
         if parts.scheme not in SCHEMES:
             raise sec.error(key, f"bad server URL {shown}: scheme must be nats:// or tls://")
         if not parts.hostname:
@@ -637,8 +665,8 @@ class _Loader:
         else:
             if not isinstance(backoff, list) or not backoff:
                 raise sec.error("backoff", f"must be a non-empty list of seconds, got {_type_name(backoff)}")
-            sub = _Section(self, {f"[{i}]": v for i, v in enumerate(backoff)}, sec.key("backoff"))
-            delays = tuple(sub.number(f"[{i}]", exclusive_minimum=0) for i in range(len(backoff)))
+            sub = _Section(self, {f"backoff[{i}]": v for i, v in enumerate(backoff)}, sec.path)
+            delays = tuple(sub.number(f"backoff[{i}]", exclusive_minimum=0) for i in range(len(backoff)))
         settings = JetStreamSourceSettings(
             stream=sec.text("stream"),
             durable=sec.text("durable", "asset-forwarder"),
