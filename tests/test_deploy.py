@@ -547,3 +547,43 @@ def test_compose_and_chart_configs_name_the_reference_keys(helm: Path) -> None:
     assert active - not_applicable <= chart_paths, (
         f"values.yaml config lacks reference keys: {sorted(active - not_applicable - chart_paths)}"
     )
+
+
+def schema_config_paths() -> set[str]:
+    """Key paths that values.schema.json accepts under `config` (clusters as `*`)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    definitions = schema["definitions"]
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = definitions[node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    def walk(node: dict[str, Any], prefix: str) -> Iterator[str]:
+        node = resolve(node)
+        objects = [resolve(n) for n in node.get("anyOf", [])] + [node]
+        objects = [n for n in objects if n.get("type") == "object"]
+        if not objects:
+            yield prefix
+            return
+        for obj in objects:
+            for key, sub in obj.get("properties", {}).items():
+                yield from walk(sub, f"{prefix}.{key}")
+            if isinstance(obj.get("additionalProperties"), dict):
+                yield from walk(obj["additionalProperties"], f"{prefix}.*")
+        if len(objects) <= len(node.get("anyOf", [])):  # also a scalar form (jetstream: true)
+            yield prefix
+
+    return {p[len("config.") :] for p in walk(schema["properties"]["config"], "config")}
+
+
+def test_values_schema_knows_the_reference_keys() -> None:
+    """values.schema.json accepts the keys of config/forwarder.yaml and no others: a key
+    added to or removed from the config (and its reference) must reach the schema."""
+    _, documented = reference_key_paths()
+    # The reference names routing.key's alternatives in prose ({header: Asset-Id}, or
+    # {json_field: asset_uuid}, which also takes max_json_bytes), not as YAML keys.
+    documented |= {"routing.key.header", "routing.key.json_field", "routing.key.max_json_bytes"}
+    schema_paths = schema_config_paths()
+    assert not undocumented(schema_paths, documented), "the schema accepts keys the reference lacks"
+    assert not undocumented(documented, schema_paths), "the schema rejects keys of the reference"
