@@ -16,9 +16,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +341,136 @@ def test_compose_nats_configs_are_valid() -> None:
                 run([str(nats_server), "-t", "-c", str(conf)], env=env)
                 checked.add(conf.name)
     assert checked == {"source.conf", "single.conf", "cluster.conf"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def answers_200(url: str) -> bool:
+    return http_get(url)[0] == 200
+
+
+def has_routes(monitor_port: int, count: int) -> bool:
+    status, body = http_get(f"http://127.0.0.1:{monitor_port}/routez")
+    return status == 200 and int(json.loads(body)["num_routes"]) >= count
+
+
+def forwarded_total(http_port: int) -> int:
+    metrics = http_get(f"http://127.0.0.1:{http_port}/metrics")[1]
+    found = re.findall(r"^forwarder_messages_forwarded_total\{.*\} (\S+)$", metrics, re.M)
+    return sum(int(float(value)) for value in found)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_compose_topology_forwards_on_loopback(tmp_path: Path) -> None:
+    """What `docker compose up` runs, without Docker: every NATS server from the config
+    file compose mounts for it (ports moved to free loopback ports, C2's routes
+    pointed at loopback), the stream created by `forwarder produce
+    --jetstream-stream` as the producer service does, and both forwarder replicas on
+    config/compose.yaml with service names mapped to those ports. Every produced
+    message must be forwarded once, by replicas sharing one durable consumer."""
+    services = compose()["services"]
+    nats_services = sorted(n for n in services if services[n]["image"].startswith("nats:"))
+    client = {name: free_port() for name in nats_services}
+    monitor = {name: free_port() for name in nats_services}
+    route = {name: free_port() for name in nats_services}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(cmd: list[str], env: Mapping[str, str], log: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / log).open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    try:
+        for name in nats_services:
+            service = services[name]
+            conf_src = ROOT / next(v for v in service["volumes"] if "nats-server.conf" in v).split(":")[0]
+            text = conf_src.read_text().replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+            text = text.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{route[name]}")
+            for peer in nats_services:
+                text = text.replace(f"nats-route://{peer}:6222", f"nats-route://127.0.0.1:{route[peer]}")
+            assert "nats-route://nats-" not in text, f"{conf_src.name}: a route this test did not move"
+            conf = tmp_path / f"{name}.conf"
+            conf.write_text(text)
+            env = clean_env({k: str(v) for k, v in service.get("environment", {}).items()})
+            cmd = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1"]
+            start([*cmd, "-p", str(client[name]), "-m", str(monitor[name])], env, f"{name}.log")
+        for name in nats_services:
+            wait_for(f"{name} healthy", partial(answers_200, f"http://127.0.0.1:{monitor[name]}/healthz"))
+        c2 = [n for n in nats_services if n.startswith("nats-c2-")]
+        for name in c2:
+            wait_for(f"{name} routed to its peers", partial(has_routes, monitor[name], len(c2) - 1))
+
+        # config/compose.yaml with the compose host names moved to loopback.
+        text = COMPOSE_CONFIG.read_text()
+        for name in nats_services:
+            text = text.replace(f"nats://{name}:4222", f"nats://127.0.0.1:{client[name]}")
+        assert "://nats-" not in text, "config/compose.yaml names a server this test did not move"
+        http_ports = {name: free_port() for name in FORWARDER_SERVICES}
+        config = tmp_path / "compose.yaml"
+        config.write_text(text.replace("port: 8080", "port: ${HTTP_PORT}"))
+
+        # The producer service's command, its server moved to loopback, unpaced.
+        command = [str(a) for a in services["producer"]["command"]]
+        command[command.index("--servers") + 1] = f"nats://127.0.0.1:{client['nats-source']}"
+        command[command.index("--rate") + 1] = "0"
+        command[command.index("--assets") + 1] = "300"
+        # The stream exists before the replicas bind their durable consumer (nats-init's
+        # job in compose; here the producer's --jetstream-stream creates it).
+        run([str(FORWARDER), *command, "--messages", "1"], env=clean_env())
+
+        forwarders: dict[str, subprocess.Popen[bytes]] = {}
+        for name in FORWARDER_SERVICES:
+            env = {k: str(v) for k, v in services[name]["environment"].items()}
+            env["HTTP_PORT"] = str(http_ports[name])
+            forwarders[name] = start(
+                [str(FORWARDER), "run", "-c", str(config)], clean_env(env), f"{name}.log"
+            )
+        for name, port in http_ports.items():
+            wait_for(f"{name} ready", partial(answers_200, f"http://127.0.0.1:{port}/readyz"))
+        messages = 3000
+        run([str(FORWARDER), *command, "--messages", str(messages)], env=clean_env())
+        messages += 1  # the one that created the stream
+
+        def forwarded() -> int:
+            return sum(forwarded_total(port) for port in http_ports.values())
+
+        wait_for(f"{messages} messages forwarded", lambda: forwarded() >= messages)
+        assert forwarded() == messages, "each message forwarded once"
+        for name, proc in forwarders.items():
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, f"{name} did not exit 0 on SIGTERM"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # --------------------------------------------------------------------------- the chart
