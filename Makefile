@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+PROMTOOL := .tools/prometheus/promtool
 
 .PHONY: help demo test lint bench soak clean
 
@@ -28,11 +29,16 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo
 	$(BIN)/forwarder demo $(ARGS)
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(PROMTOOL)
 	$(BIN)/ruff check forwarder tests deploy/lint
 	$(BIN)/ruff format --check forwarder tests deploy/lint
 	$(BIN)/mypy forwarder
 	$(BIN)/pytest $(ARGS)
+
+# promtool and prometheus from Debian's package, unpacked into .tools/prometheus (no
+# system service is installed or started): the rules tests and the live-scrape test.
+$(PROMTOOL):
+	bash scripts/install-prometheus.sh
 
 # ------------------------------------------------------------------ make lint
 # The deployment files, each parsed by the tool that will run them. The tools install
@@ -50,7 +56,6 @@ KUBE_VERSION := 1.35.0
 CHART        := helm/asset-forwarder
 CHART_CI     := $(CHART)/ci/all-on-values.yaml
 RENDERS      := $(TOOLS)/render
-PROMTOOL     ?= $(shell command -v promtool 2>/dev/null)
 
 .PHONY: lint lint-helm lint-compose lint-docker lint-prometheus tools
 
@@ -107,18 +112,8 @@ lint-compose: $(TOOLS_VENV)/.stamp
 lint-docker: $(TOOLS_VENV)/.stamp
 	$(TOOLS_VENV)/bin/hadolint --failure-threshold warning Dockerfile
 
-# promtool comes with Debian's prometheus package (apt; root needed the first time).
-lint-prometheus:
-	@if [ -z "$(PROMTOOL)" ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
-			echo "promtool missing: apt-get install prometheus"; \
-			(apt-get install -y -qq --no-install-recommends prometheus > /dev/null 2>&1 || \
-			 (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus > /dev/null)) || exit 1; \
-		else \
-			echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; exit 1; \
-		fi; \
-	fi
-	$(or $(PROMTOOL),promtool) check config --syntax-only deploy/compose/prometheus/prometheus.yml
+lint-prometheus: $(PROMTOOL)
+	$(PROMTOOL) check config --syntax-only deploy/compose/prometheus/prometheus.yml
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

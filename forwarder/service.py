@@ -144,6 +144,9 @@ class Server:
         try:
             await self.startup()
             await self.main_loop()
+        except OSError as exc:  # e.g. the HTTP port is taken: one clear line, not a traceback
+            self.log.error("startup_failed", error=str(exc))
+            return 1
         finally:
             await self.shutdown()
         return 0
