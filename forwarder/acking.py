@@ -14,23 +14,35 @@ the others keep flowing.
 A message that its target will never take (larger than its max_payload, no stream
 for the subject) goes to the dead-letter subject and is acknowledged once the source
 server confirmed the dead letter.
+
+Parking. A refused message keeps its slot in the consumer's ``max_ack_pending`` until
+it is redelivered, so during a long outage one cluster's refused messages would fill
+the window and stop every cluster. While a cluster is disconnected its messages are
+therefore *parked*: stored (JetStream, PubAck-confirmed) under
+``<park_prefix>.<cluster>.<subject>`` in a work-queue stream on the source, and only
+then acknowledged. A consumer per cluster replays them once the cluster is back. A
+replayed message keeps the identity (``Nats-Msg-Id``) of the original and is never
+parked again: if its cluster is still down it is nak'd, which can only hold up that
+cluster's own replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
 from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn
 from .router import Rejection
+from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -50,13 +62,26 @@ class SourceAcks(Protocol):
     async def flush(self, timeout: float) -> None: ...
 
 
-def source_msg_id(reply: str) -> str:
-    """``stream:sequence`` of a JetStream message, from its ack subject.
+class ParkingSource(SourceAcks, Protocol):
+    parking: bool  # False when the park stream could not be had: refused messages are nak'd
 
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`` (9 tokens), or with a
-    domain and account hash (12 tokens). Redeliveries of one message share the id,
-    so the target stream's duplicate window drops them.
+    async def park(self, msg: Msg, cluster: str, origin_id: str) -> asyncio.Future[PubAck]: ...
+
+    def unpark_subject(self, cluster: str, subject: str) -> str: ...
+
+
+def source_msg_id(msg: Msg) -> str:
+    """The identity of a source message: ``stream:sequence``.
+
+    A parked copy carries the original's identity; otherwise it comes from the ack
+    subject ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`` (9 tokens, or 12
+    with a domain and account hash). Redeliveries of one message share the id, so the
+    target stream's duplicate window drops them.
     """
+    origin: str | None = getattr(msg, "origin_id", None)
+    if origin:
+        return origin
+    reply = msg.reply
     tokens = reply.split(".")
     if len(tokens) == 9:
         return f"{tokens[2]}:{tokens[5]}"
@@ -172,6 +197,7 @@ class ClusterLane(Lane):
         super().__init__(cluster.name, acks, stats, timeout)
         self.cluster = cluster
         self.dead = dead
+        self.park: ParkLane | None = None
 
     async def submit(self, msg: Msg, subject: str) -> None:
         cluster = self.cluster
@@ -191,13 +217,23 @@ class ClusterLane(Lane):
         except (TimeoutError, ClusterError, nats.errors.Error, OSError) as exc:
             self.cluster.publish_errors += len(batch)
             for msg in batch:
-                await self._refuse(msg, f"not confirmed: {type(exc).__name__}")
+                await self._retry_later(msg, f"not confirmed: {type(exc).__name__}")
             return
         self.cluster.forwarded += len(batch)
         await self._accepted(batch)
 
+    async def _retry_later(self, msg: Msg, why: str) -> None:
+        """A transient failure: park it if the cluster is down, else nak it with the back-off."""
+        if self.cluster.connected:
+            await self._refuse(msg, why)
+        else:
+            await self._unavailable(msg)
+
     async def _unavailable(self, msg: Msg) -> None:
-        await self._refuse(msg, "cluster unavailable")
+        if self.park is not None and self.park.source.parking and getattr(msg, "origin_id", None) is None:
+            await self.park.submit(msg, self)
+        else:
+            await self._refuse(msg, "cluster unavailable")
 
     async def _refuse(self, msg: Msg, why: str) -> None:
         self.cluster.redeliveries += 1
@@ -208,9 +244,9 @@ class ClusterLane(Lane):
             await self.dead.submit(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
             await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
-        elif isinstance(exc, ClusterError | nats.errors.Error | OSError | asyncio.TimeoutError):
+        elif isinstance(exc, ClusterError | nats.errors.Error | OSError | TimeoutError):
             self.cluster.publish_errors += 1
-            await self._refuse(msg, f"publish failed: {type(exc).__name__}")
+            await self._retry_later(msg, f"publish failed: {type(exc).__name__}")
         else:
             raise exc
 
@@ -224,7 +260,7 @@ class JetStreamLane(ClusterLane):
             await self._unavailable(msg)
             return
         headers = dict(msg.headers) if msg.headers else {}
-        headers[MSG_ID_HEADER] = source_msg_id(msg.reply)
+        headers[MSG_ID_HEADER] = source_msg_id(msg)
         try:
             future = await cluster.publish_async(subject, msg.data, headers)
         except Exception as exc:
@@ -239,7 +275,7 @@ class JetStreamLane(ClusterLane):
             if future in pending:
                 future.cancel()
                 self.cluster.publish_errors += 1
-                await self._refuse(msg, "no PubAck in time")
+                await self._retry_later(msg, "no PubAck in time")
             elif future.cancelled() or future.exception() is not None:
                 await self._pub_ack_failed(msg, subject, future.exception())
             else:
@@ -263,19 +299,57 @@ class JetStreamLane(ClusterLane):
             )
             return
         self.cluster.publish_errors += 1
-        await self._refuse(msg, f"rejected: {type(exc).__name__}")
+        await self._retry_later(msg, f"rejected: {type(exc).__name__}")
+
+
+class ParkLane(Lane):
+    """Stores messages for clusters that are down in the park stream, then acknowledges them."""
+
+    def __init__(self, source: ParkingSource, stats: ForwardingStats, timeout: float) -> None:
+        super().__init__("park", source, stats, timeout)
+        self.source = source
+
+    async def submit(self, msg: Msg, lane: ClusterLane) -> None:
+        try:
+            future = await self.source.park(msg, lane.name, source_msg_id(msg))
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            await lane._refuse(msg, f"not parked: {type(exc).__name__}")
+            return
+        self._enqueue((msg, lane, future))
+
+    async def _confirm(self, batch: list[Any]) -> None:
+        _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
+        parked: list[Msg] = []
+        for msg, lane, future in batch:
+            if future in pending or future.cancelled() or future.exception() is not None:
+                future.cancel()
+                await lane._refuse(msg, "not parked in time")
+            else:
+                lane.cluster.parked += 1
+                parked.append(msg)
+        if parked:
+            self.log.warning("messages_parked", "parked", count=len(parked))
+            await self.acks.ack(parked)
 
 
 class AckingPipeline:
     """Routes each message into its target's lane; unroutable ones into the dead-letter lane."""
 
     def __init__(
-        self, route: RouteFn, dead: DeadLetterLane, lanes: Mapping[str, ClusterLane], stats: ForwardingStats
+        self,
+        route: RouteFn,
+        dead: DeadLetterLane,
+        lanes: Mapping[str, ClusterLane],
+        stats: ForwardingStats,
+        park: ParkLane | None = None,
     ) -> None:
         self._route = route
         self._dead = dead
         self.lanes = dict(lanes)
         self._stats = stats
+        self._park = park
+        for lane in self.lanes.values():
+            lane.park = park
 
     @staticmethod
     def lanes_for(
@@ -290,16 +364,41 @@ class AckingPipeline:
 
     def start(self) -> None:
         self._dead.start()
+        if self._park is not None:
+            self._park.start()
         for lane in self.lanes.values():
             lane.start()
 
     async def stop(self) -> None:
-        """Confirm and acknowledge everything submitted so far (dead letters last)."""
+        """Confirm and acknowledge everything submitted so far.
+
+        Cluster lanes first: while they finish they may still park or dead-letter.
+        """
         await asyncio.gather(*(lane.stop() for lane in self.lanes.values()))
+        if self._park is not None:
+            await self._park.stop()
         await self._dead.stop()
 
     async def handle(self, msg: Any) -> None:
         self._stats.received += 1
+        await self.dispatch(msg)
+
+    def replayer(self, cluster: str) -> Callable[[Msg], Awaitable[None]]:
+        """The handler for ``cluster``'s parked messages: each is routed again under its
+        original subject and keeps the original's identity."""
+        assert self._park is not None
+        source = self._park.source
+
+        async def replay(msg: Any) -> None:
+            headers = msg.headers
+            origin = headers.pop(PARKED_ID_HEADER, None) if headers else None
+            msg.subject = source.unpark_subject(cluster, msg.subject)
+            msg.origin_id = origin or source_msg_id(msg)
+            await self.dispatch(msg)
+
+        return replay
+
+    async def dispatch(self, msg: Any) -> None:
         route = self._route(msg.subject, msg.headers, msg.data)
         if route.__class__ is tuple:
             lane, subject = route

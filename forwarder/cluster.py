@@ -56,6 +56,7 @@ class NatsCluster:
         self.forwarded = 0  # messages accepted by this cluster (buffered, confirmed or acked by mode)
         self.publish_errors = 0
         self.redeliveries = 0  # naks because of this cluster (JetStream source)
+        self.parked = 0  # messages parked while this cluster was down (JetStream source)
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._stream_known: dict[str, tuple[bool, float]] = {}  # subject -> (has a stream, checked at)
@@ -126,6 +127,8 @@ class NatsCluster:
             "jetstream": self.settings.jetstream is not None,
             "forwarded": self.forwarded,
             "publish_errors": self.publish_errors,
+            "redeliveries": self.redeliveries,
+            "parked": self.parked,
             "reconnects": self.stats.reconnects,
             "disconnects": self.stats.disconnects,
             "pending_bytes": self.pending_bytes,

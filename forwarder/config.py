@@ -117,6 +117,10 @@ class JetStreamSourceSettings:
     backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
     deliver_policy: DeliverPolicy = "all"
     idle_heartbeat: float = 5.0
+    # Messages for a cluster that is down wait in this stream (on the source) instead of
+    # holding max_ack_pending slots; None: no parking, they are only nak'd with back-off.
+    park_stream: str | None = "FORWARDER_PARKED"
+    park_prefix: str = "forwarder.parked"
 
 
 @dataclass(frozen=True)
@@ -676,7 +680,12 @@ class _Loader:
             backoff=delays,
             deliver_policy=sec.choice("deliver_policy", ("all", "new", "last", "last_per_subject"), "all"),
             idle_heartbeat=sec.number("idle_heartbeat", 5.0, exclusive_minimum=0),
+            park_stream=sec.text("park_stream", "FORWARDER_PARKED", empty=True) or None,
+            park_prefix=sec.text("park_prefix", "forwarder.parked"),
         )
+        if settings.park_stream is not None and not SUBJECT_TOKEN_RE.match(settings.park_stream):
+            raise sec.error("park_stream", f"is not a valid JetStream name: {settings.park_stream!r}")
+        check_subject(settings.park_prefix, wildcards=False, fail=lambda m: sec.error("park_prefix", m))
         for name in ("stream", "durable"):
             if not SUBJECT_TOKEN_RE.match(getattr(settings, name)):
                 raise sec.error(name, f"is not a valid JetStream name: {getattr(settings, name)!r}")

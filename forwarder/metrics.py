@@ -31,6 +31,7 @@ class ClusterView(Protocol):
     forwarded: int
     publish_errors: int
     redeliveries: int
+    parked: int
 
     @property
     def stats(self) -> Any: ...  # natsconn.ConnectionStats
@@ -119,6 +120,12 @@ class ForwarderCollector:
             "redeliveries",
             "Source messages negatively acknowledged for redelivery, by target cluster.",
             [((c.name,), c.redeliveries) for c in clusters],
+            "cluster",
+        )
+        yield _counter(
+            "messages_parked",
+            "Messages stored in the park stream while their cluster was down (JetStream source).",
+            [((c.name,), c.parked) for c in clusters],
             "cluster",
         )
         yield _counter(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import __version__
-from .acking import AckingPipeline, DeadLetterLane
+from .acking import AckingPipeline, DeadLetterLane, ParkLane
 from .cluster import NatsCluster
 from .config import Settings, redact_url
 from .hashring import build_ring
@@ -58,8 +58,9 @@ class Server:
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, source, self.stats)
             dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
             lanes = AckingPipeline.lanes_for(list(self._clusters.values()), source, self.stats, dead)
+            park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
             self.router = Router(settings.routing, ring, lanes)
-            self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats)
+            self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats, park)
         self._metrics = Metrics(self)
         self.http = HttpServer(settings.http.host, settings.http.port, self)
         self._exit_event: asyncio.Event | None = None
@@ -172,6 +173,10 @@ class Server:
             return
         self.pipeline.start()
         await self._until_exit(self._source.start(self.pipeline.handle))
+        if isinstance(self._source, JetStreamSource) and self._source.parking:
+            assert isinstance(self.pipeline, AckingPipeline)
+            for name in self._clusters:
+                await self._until_exit(self._source.consume_parked(name, self.pipeline.replayer(name)))
         if not self.should_exit:
             self.started.set()
             self.log.info("forwarder_started", http_port=self.http.port)

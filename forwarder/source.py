@@ -25,7 +25,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, RetentionPolicy, StreamConfig
 
 from .config import JetStreamSourceSettings, SourceSettings
 from .natsconn import ConnectionEvents, ConnectionStats, connect_options
@@ -38,6 +38,7 @@ class SourceMsg(Msg):
     """A message stamped with ``time.perf_counter()`` when nats-py decoded it."""
 
     received_at: float = 0.0
+    origin_id: str | None = None  # ``stream:seq`` of the source message a parked copy stands for
 
 
 class SourceClient(Client):
@@ -201,6 +202,7 @@ DELIVER_POLICIES = {
 }
 LAG_REFRESH_INTERVAL = 5.0
 STREAM_RETRY_INTERVAL = 2.0
+PARKED_ID_HEADER = "Forwarder-Parked-Id"
 
 
 class JetStreamSource(CoreSource):
@@ -212,6 +214,8 @@ class JetStreamSource(CoreSource):
         self.js: JetStreamSourceSettings = settings.jetstream
         self._lag: int | None = None
         self._lag_checked = 0.0
+        self.parking = self.js.park_stream is not None
+        self._parked_subs: list[Subscription] = []
 
     def lag(self) -> int | None:
         return self._lag
@@ -233,19 +237,31 @@ class JetStreamSource(CoreSource):
                 self.stats.last_error = f"JetStream unavailable: {type(exc).__name__}"
                 self.log.warning("source_jetstream_unavailable", stream=cfg.stream, error=type(exc).__name__)
             await asyncio.sleep(STREAM_RETRY_INTERVAL)
+        if self.parking:
+            await self._ensure_park_stream()
+        self.sub = await self._consume(cfg.stream, cfg.durable, self.settings.subject, handler)
+        self.stats.last_error = None
+        self.log.info("subscribed", stream=cfg.stream, durable=cfg.durable, subject=self.settings.subject)
+
+    async def _consume(
+        self, stream: str, durable: str, subject: str, handler: MessageHandler
+    ) -> Subscription:
+        """Bind to (or create) a durable push consumer with a deliver group of the same name."""
+        assert self.nc is not None
+        cfg = self.js
         config = ConsumerConfig(
-            durable_name=cfg.durable,
+            durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=cfg.ack_wait,
             max_ack_pending=cfg.max_ack_pending,
             max_deliver=cfg.max_deliver,
             deliver_policy=DELIVER_POLICIES[cfg.deliver_policy],
         )
-        self.sub = await js.subscribe(
-            self.settings.subject,
-            queue=cfg.durable,  # the deliver group: replicas share the consumer
-            durable=cfg.durable,
-            stream=cfg.stream,
+        return await self.nc.jetstream().subscribe(
+            subject,
+            queue=durable,  # the deliver group: replicas share the consumer
+            durable=durable,
+            stream=stream,
             cb=handler,
             manual_ack=True,
             flow_control=True,
@@ -254,8 +270,63 @@ class JetStreamSource(CoreSource):
             pending_msgs_limit=self.settings.pending_msgs_limit,
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
-        self.stats.last_error = None
-        self.log.info("subscribed", stream=cfg.stream, durable=cfg.durable, subject=self.settings.subject)
+
+    # ---- parking: where messages for a cluster that is down wait
+
+    async def _ensure_park_stream(self) -> None:
+        """Create the park stream if it is missing; without it, refused messages are only nak'd."""
+        assert self.nc is not None
+        assert self.js.park_stream is not None
+        js = self.nc.jetstream()
+        try:
+            await js.stream_info(self.js.park_stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(
+                    StreamConfig(
+                        name=self.js.park_stream,
+                        subjects=[f"{self.js.park_prefix}.>"],
+                        # A parked message is gone once delivered: each cluster's consumer
+                        # filters its own subjects, so work-queue retention fits.
+                        retention=RetentionPolicy.WORK_QUEUE,
+                    )
+                )
+                self.log.info("park_stream_created", stream=self.js.park_stream)
+            except (TimeoutError, nats.errors.Error) as exc:
+                self.parking = False
+                self.log.error("parking_disabled", stream=self.js.park_stream, error=str(exc))
+
+    def park_subject(self, cluster: str, subject: str) -> str:
+        return f"{self.js.park_prefix}.{cluster}.{subject}"
+
+    def unpark_subject(self, cluster: str, subject: str) -> str:
+        return subject[len(self.js.park_prefix) + len(cluster) + 2 :]
+
+    async def park(self, msg: Msg, cluster: str, origin_id: str) -> asyncio.Future[PubAck]:
+        """Store ``msg`` for ``cluster`` in the park stream; the future resolves with its PubAck."""
+        assert self.nc is not None
+        headers = dict(msg.headers) if msg.headers else {}
+        headers[PARKED_ID_HEADER] = origin_id
+        return await self.nc.jetstream().publish_async(
+            self.park_subject(cluster, msg.subject), msg.data, headers=headers
+        )
+
+    async def consume_parked(self, cluster: str, handler: MessageHandler) -> None:
+        """Replay what was parked for ``cluster``: one durable consumer per cluster."""
+        assert self.js.park_stream is not None
+        durable = f"{self.js.durable}-parked-{cluster}"
+        subject = self.park_subject(cluster, ">")
+        self._parked_subs.append(await self._consume(self.js.park_stream, durable, subject, handler))
+
+    async def stop(self) -> None:
+        subs, self._parked_subs = self._parked_subs, []
+        for sub in subs:
+            if self.connected:
+                try:
+                    await sub.drain()  # type: ignore[no-untyped-call]
+                except Exception as exc:
+                    self.log.warning("source_drain_failed", error=str(exc))
+        await super().stop()
 
     async def ack(self, msgs: Sequence[Msg]) -> None:
         """Acknowledge messages whose targets confirmed them: one write for the batch."""

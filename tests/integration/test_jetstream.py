@@ -211,7 +211,11 @@ async def test_a_whole_target_cluster_dies_and_comes_back(rig):
     await publishing
     await rig.settle(TOTAL)
     await rig.verify()
-    assert fwd.metric('forwarder_redeliveries_total{cluster="C1"}') > 0
+    m = fwd.metrics()
+    assert (
+        m['forwarder_messages_parked_total{cluster="C1"}'] + m['forwarder_redeliveries_total{cluster="C1"}']
+        > 0
+    )
 
 
 async def test_one_node_of_the_replicated_target_cluster_dies(rig):
@@ -300,3 +304,28 @@ async def test_the_source_server_restarts_and_the_forwarder_resumes(rig):
     await publish_source(rig.source.url, TOTAL // 2, start=TOTAL // 2)
     await rig.settle(TOTAL)
     await rig.verify()
+
+
+async def test_a_long_outage_of_one_cluster_does_not_stall_the_others(rig):
+    """Refused messages hold ack-pending slots while they wait for redelivery: a long outage
+    of one cluster must not use up max_ack_pending and stop the others."""
+    doc = yaml.safe_load(rig.config.read_text())
+    doc["source"]["jetstream"]["max_ack_pending"] = 300
+    rig.config.write_text(yaml.safe_dump(doc))
+    fwd = rig.forwarder().wait_ready()
+    c1 = rig.targets["C1"]
+    assert isinstance(c1, LocalServer)
+    c1.kill()
+    others = [t for n, t in rig.targets.items() if n != "C1"]
+    publishing = asyncio.create_task(publish_source(rig.source.url, 6000, rate=1000))
+    # Well past the point where C1's share (a third of 1000/s) would fill 300 slots.
+    await asyncio.sleep(3)
+    first = sum([await stream_count(urls(t), "TARGET") for t in others])
+    await asyncio.sleep(2)
+    second = sum([await stream_count(urls(t), "TARGET") for t in others])
+    assert second - first > 500, f"the others stalled: {first} -> {second} in 2 s"
+    await publishing
+    await asyncio.to_thread(c1.start)
+    await rig.settle(6000)
+    await rig.verify(6000)
+    assert fwd.metric('forwarder_messages_parked_total{cluster="C1"}') > 0
