@@ -1293,8 +1293,8 @@ def test_source_jetstream_defaults(cfg: Cfg) -> None:
         backoff=(1.0, 2.0, 5.0, 10.0, 30.0),
         deliver_policy="all",
         idle_heartbeat=5.0,
-        ack_batch=1024,
-        ack_interval=0.005,
+        park_stream="FORWARDER_PARKED",
+        park_prefix="forwarder.parked",
     )
 
 
@@ -1308,8 +1308,8 @@ def test_source_jetstream_settings(cfg: Cfg) -> None:
         "backoff": [0.5, 2],
         "deliver_policy": "new",
         "idle_heartbeat": 1,
-        "ack_batch": 1,
-        "ack_interval": 0,
+        "park_stream": "",
+        "park_prefix": "fwd.park",
     }
     js = cfg.load(edited(("source.jetstream", block))).source.jetstream
     assert js == JetStreamSourceSettings(
@@ -1321,8 +1321,8 @@ def test_source_jetstream_settings(cfg: Cfg) -> None:
         backoff=(0.5, 2.0),
         deliver_policy="new",
         idle_heartbeat=1.0,
-        ack_batch=1,
-        ack_interval=0.0,
+        park_stream=None,
+        park_prefix="fwd.park",
     )
 
 

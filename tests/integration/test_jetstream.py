@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 import yaml
 from nats.js.api import StreamConfig
@@ -34,7 +35,9 @@ FAST_REDELIVERY = {"ack_wait": 2, "backoff": [0.2, 0.5, 1, 2]}
 
 
 def urls(target: LocalServer | LocalCluster) -> list[str]:
-    return target.urls if isinstance(target, LocalCluster) else [target.url]
+    """The URLs of the nodes that are running (a reader must not wait on a killed one)."""
+    nodes = target.nodes if isinstance(target, LocalCluster) else [target]
+    return [n.url for n in nodes if n.running] or [n.url for n in nodes]
 
 
 async def add_stream(servers: list[str], name: str, subjects: list[str], replicas: int = 1) -> None:
@@ -46,8 +49,22 @@ async def add_stream(servers: list[str], name: str, subjects: list[str], replica
         await nc.close()
 
 
-async def read_stream(servers: list[str], stream: str) -> list[tuple[str, bytes]]:
-    """Every message in ``stream``, in order (an ordered consumer)."""
+async def read_stream(servers: list[str], stream: str, attempts: int = 3) -> list[tuple[str, bytes]]:
+    """Every message in ``stream``, in order (an ordered consumer).
+
+    A replicated stream that just lost a node may be electing a leader: a read that
+    times out then is tried again from the start.
+    """
+    for attempt in range(attempts):
+        try:
+            return await _read_stream(servers, stream)
+        except nats.errors.TimeoutError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _read_stream(servers: list[str], stream: str) -> list[tuple[str, bytes]]:
     nc = await nats.connect(servers)
     try:
         js = nc.jetstream(timeout=10)
