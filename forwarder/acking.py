@@ -204,11 +204,13 @@ class ClusterLane(Lane):
         if not cluster.connected:
             await self._unavailable(msg)
             return
-        try:
-            await cluster.publish(subject, msg.data, msg.headers)
-        except Exception as exc:
-            await self._publish_failed(msg, exc)
-            return
+        headers = msg.headers
+        if headers is not None or not cluster.try_publish(subject, msg.data):
+            try:
+                await cluster.publish(subject, msg.data, headers)
+            except Exception as exc:
+                await self._publish_failed(msg, exc)
+                return
         self._enqueue(msg)
 
     async def _confirm(self, batch: list[Any]) -> None:

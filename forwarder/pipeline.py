@@ -97,8 +97,15 @@ class DeadLetters:
 class CorePipeline:
     """At-most-once forwarding: route, publish into the target's buffer, count."""
 
-    def __init__(self, route: RouteFn, dead_letters: DeadLetters, stats: ForwardingStats) -> None:
+    def __init__(
+        self,
+        route: RouteFn,
+        dead_letters: DeadLetters,
+        stats: ForwardingStats,
+        route_subject: Callable[[str], Any] | None = None,
+    ) -> None:
         self._route = route
+        self._route_subject = route_subject
         self._dead_letters = dead_letters
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
@@ -113,16 +120,19 @@ class CorePipeline:
         stats = self._stats
         stats.received += 1
         data = msg.data
-        route = self._route(msg.subject, msg.headers, data)
+        headers = msg.headers
+        by_subject = self._route_subject
+        route = by_subject(msg.subject) if by_subject is not None else self._route(msg.subject, headers, data)
         if route.__class__ is not tuple:
             await self._dead_letters.send(msg, route)  # type: ignore[arg-type]
             return
         cluster, subject = route
-        try:
-            await cluster.publish(subject, data, msg.headers)
-        except Exception as exc:
-            await self._failed(msg, cluster, exc)
-            return
+        if headers is not None or not cluster.try_publish(subject, data):
+            try:
+                await cluster.publish(subject, data, headers)
+            except Exception as exc:
+                await self._failed(msg, cluster, exc)
+                return
         cluster.forwarded += 1
         stats.latency.observe(time.perf_counter() - msg.received_at)
 

@@ -149,12 +149,15 @@ class Router(Generic[T]):
         self._cluster_of: ComputingCache[str, str] = ComputingCache(ring.cluster_for, routing.cache_size)
         key = routing.key
         self.route: Callable[[str, Mapping[str, str] | None, bytes], tuple[T, str] | Rejection]
+        # With the key in the subject, the whole route is a function of the subject:
+        # ``route_subject`` is then that cached function (a dict lookup on a hit) and the
+        # hot path calls it directly; None in the other key modes.
+        self.route_subject: Callable[[str], tuple[T, str] | Rejection] | None = None
         if key.kind == "subject_token":
             by_subject: ComputingCache[str, tuple[T, str] | Rejection] = ComputingCache(
                 self._route_subject, routing.cache_size
             )
-            lookup = by_subject.__getitem__
-            self._by_subject = by_subject
+            self.route_subject = lookup = by_subject.__getitem__
             self.route = lambda subject, headers, payload: lookup(subject)
         elif key.kind == "header":
             self.route = self._route_header

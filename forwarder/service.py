@@ -51,7 +51,9 @@ class Server:
             self._source = CoreSource(settings.source)
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
             self.router = Router(settings.routing, ring, self._clusters)
-            self.pipeline = CorePipeline(self.router.route, dead_letters, self.stats)
+            self.pipeline = CorePipeline(
+                self.router.route, dead_letters, self.stats, self.router.route_subject
+            )
         else:
             source = JetStreamSource(settings.source)
             self._source = source
