@@ -22,6 +22,7 @@ from typing import Any
 from .config import CLUSTER_NAME_RE, ClusterSettings, Settings, redact_url, server_address
 from .hashring import CachedRing, Ring, build_ring
 
+GRACE_ID_HEADER = "Forwarder-Grace-Id"  # on both copies of a message published to two clusters
 PLAN_SAMPLE = 100_000  # ids a plan estimates shares and moves from (deterministic)
 _FORMAT = 1
 
