@@ -58,6 +58,7 @@ class NatsCluster:
         self.publish_errors = 0
         self.redeliveries = 0  # naks because of this cluster (JetStream source)
         self.parked = 0  # messages parked while this cluster was down (JetStream source)
+        self.grace_publishes = 0  # copies of moved assets' messages sent here during a grace window
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._stream_known: dict[str, tuple[bool, float]] = {}  # subject -> (has a stream, checked at)

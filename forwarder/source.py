@@ -100,6 +100,13 @@ class CoreSource:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def client(self) -> SourceClient:
+        """The source connection (for the topology bucket, which lives there too)."""
+        if self.nc is None:
+            raise ConnectionError("source is not connected")
+        return self.nc
+
+    @property
     def subscribed(self) -> bool:
         return self.sub is not None and self.connected
 

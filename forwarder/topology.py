@@ -10,16 +10,25 @@ config file, and server URLs are stored without user info.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
-from .config import CLUSTER_NAME_RE, ClusterSettings, Settings, redact_url, server_address
+from .config import (
+    CLUSTER_NAME_RE,
+    ClusterSettings,
+    ConnectionSettings,
+    JetStreamTargetSettings,
+    Settings,
+    redact_url,
+    server_address,
+)
 from .hashring import CachedRing, Ring, build_ring
 
 GRACE_ID_HEADER = "Forwarder-Grace-Id"  # on both copies of a message published to two clusters
@@ -144,6 +153,40 @@ class Topology:
 
     def cached(self, size: int = 262144) -> CachedRing:
         return CachedRing(self.ring, size)
+
+
+def cluster_settings(name: str, spec: ClusterSpec, local: Settings) -> ClusterSettings:
+    """How to connect to a cluster the topology names: its servers and weight from the
+    topology; auth, TLS, timeouts and buffers from the local config entry of that name
+    (user info in a local server URL is put back on the same host:port)."""
+    try:
+        mine = local.cluster(name)
+    except KeyError:
+        mine = None
+    if mine is not None:
+        connection = mine.connection
+        userinfo = {server_address(u): u for u in connection.servers if "@" in u.partition("://")[2]}
+        servers = tuple(userinfo.get(server_address(u), u) for u in spec.servers)
+    else:
+        connection = ConnectionSettings(servers=spec.servers, name=f"asset-forwarder-{name}")
+        servers = spec.servers
+    jetstream = None
+    if spec.jetstream:
+        jetstream = mine.jetstream if mine is not None and mine.jetstream else JetStreamTargetSettings()
+    return ClusterSettings(
+        name=name,
+        connection=replace(connection, servers=servers),
+        weight=spec.weight,
+        weight_set=mine.weight_set if mine is not None else False,
+        jetstream=jetstream,
+    )
+
+
+def grace_ids() -> Callable[[], str]:
+    """Unique values for ``Forwarder-Grace-Id``: this process's random prefix and a counter."""
+    prefix = uuid.uuid4().hex[:12]
+    counter = itertools.count(1)
+    return lambda: f"{prefix}.{next(counter)}"
 
 
 def spec_of(cluster: ClusterSettings) -> ClusterSpec:
