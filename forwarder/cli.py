@@ -242,7 +242,7 @@ def cmd_topology_apply(args: argparse.Namespace) -> int:
         current, revision = await _current(settings, store)
         if not revision:
             _fail(
-                f"{settings.file}: topology.kv_bucket: {store.bucket} holds no topology yet (start a forwarder)"
+                f"{settings.file}: topology.kv_bucket: {store.bucket} has no topology yet (start a forwarder)"
             )
         new = _new_topology(args.new, current)
         try:
