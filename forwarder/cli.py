@@ -16,7 +16,7 @@ from typing import IO, Any, NoReturn
 
 from . import __version__
 from .config import ConfigError, Settings, load_config
-from .hashring import CachedRing, build_ring
+from .hashring import CachedRing
 
 EXIT_USAGE = 2
 
@@ -66,21 +66,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    """Routes by the topology the forwarder follows: the bucket's when one is configured."""
     settings = _load(args, require_files=False)
-    ring = build_ring(
-        settings.routing.hashing.algorithm,
-        {c.name: c.weight for c in settings.clusters},
-        replicas=settings.routing.hashing.replicas,
-    )
-    if args.stdin:
-        return route_stream(
-            CachedRing(ring, settings.routing.cache_size), sys.stdin.buffer, sys.stdout.buffer
-        )
-    if not args.assets:
+    if not args.stdin and not args.assets:
         _fail("route: name at least one ASSET, or use --stdin")
-    for asset in args.assets:
-        print(f"{asset}\t{ring.cluster_for(asset)}")
-    return 0
+
+    async def route(store: Any) -> int:
+        topology, _ = await _current(settings, store)
+        ring = topology.ring
+        if args.stdin:
+            return route_stream(
+                CachedRing(ring, settings.routing.cache_size), sys.stdin.buffer, sys.stdout.buffer
+            )
+        for asset in args.assets:
+            print(f"{asset}\t{ring.cluster_for(asset)}")
+        return 0
+
+    return _run_topology(settings, route)
 
 
 def route_stream(ring: CachedRing, lines: IO[bytes], out: IO[bytes]) -> int:
@@ -155,10 +157,10 @@ async def _with_store(settings: Settings, action: Any) -> int:
     opts = connect_options(settings.source.connection, events)
     opts.update(allow_reconnect=False, max_reconnect_attempts=0)
 
-    async def quiet(exc: Exception) -> None:
-        """The CLI reports one line itself."""
+    async def quiet(*_: Any) -> None:
+        """The CLI reports failures in one line itself; connection events are not news here."""
 
-    opts["error_cb"] = quiet
+    opts.update(error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet)
     nc = Client()
     try:
         await nc.connect(**opts)

@@ -185,6 +185,7 @@ class NatsCluster:
         if already:
             await self._closed_event.wait()
             return
+        self._events.closing = True
         if self._inflight:
             await self._drained.wait()
         if self._connecting is not None and not self._connecting.done():
@@ -202,6 +203,7 @@ class NatsCluster:
                 await nc.close()
         self._closed = True
         self._closed_event.set()
+        self.log.info("cluster_closed")
 
     # ---- the fast path
 

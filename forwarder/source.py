@@ -180,6 +180,7 @@ class CoreSource:
             await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        self._events.closing = True
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
