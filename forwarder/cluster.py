@@ -151,7 +151,15 @@ class NatsCluster:
             if self._connecting is None:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             attempt = self._connecting
-        await asyncio.shield(attempt)
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # close() cancelled the shared attempt; a caller that was not cancelled itself
+            # learns why, instead of receiving a cancellation it never asked for.
+            task = asyncio.current_task()
+            if attempt.cancelled() and self.closing and not (task is not None and task.cancelling()):
+                raise ClusterClosedError(self.name) from None
+            raise
 
     async def _connect(self) -> None:
         nc = Client()

@@ -123,6 +123,22 @@ async def test_connect_retries_until_a_server_that_is_down_starts(nats_servers, 
     assert connections(server)[1] == 2  # our one connection, and the subscriber's
 
 
+async def test_close_during_a_connect_that_retries_ends_it_with_cluster_closed(nats_servers, make_cluster):
+    server = nats_servers.server(name="down")
+    server.stop()
+    cluster = make_cluster("C1", server.url)
+    waiters = [asyncio.create_task(cluster.connect()) for _ in range(3)]
+    await async_wait_until(lambda: cluster.stats.errors >= 1, 10)
+    await asyncio.wait_for(cluster.close(), 5)
+    for waiter in waiters:
+        with pytest.raises(ClusterClosedError):
+            await waiter
+    with pytest.raises(ClusterClosedError):
+        await cluster.connect()
+    assert cluster.nc is None
+    assert cluster.snapshot()["state"] == "closed"
+
+
 # --------------------------------------------------------------------------- close
 
 
