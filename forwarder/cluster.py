@@ -223,9 +223,10 @@ class NatsCluster:
         if nc is None:
             raise ClusterUnavailableError(self.name)
         size = len(payload)
-        if headers:
+        if headers is not None:
             # nats-py checks the payload alone; a server sent more than max_payload
-            # including headers closes the connection, so check the sum here.
+            # including headers closes the connection, so check the sum here ({} too:
+            # nats-py still sends a header block for it).
             size += header_block_size(headers)
         if size > nc.max_payload:
             raise MessageTooLargeError(self.name, size, nc.max_payload)

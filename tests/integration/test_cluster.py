@@ -319,6 +319,9 @@ async def test_message_too_large_counts_headers_and_keeps_the_connection(
     assert "C1" in str(info.value)
     with pytest.raises(MessageTooLargeError):
         await cluster.publish("big.x", b"x" * (limit + 1))
+    # An empty header dict still makes nats-py send a header block ("NATS/1.0\r\n\r\n").
+    with pytest.raises(MessageTooLargeError):
+        await cluster.publish("big.x", b"x" * limit, {})
 
     # Exactly the limit, headers included, is taken: the arithmetic is exact both ways.
     await cluster.publish("big.x", b"e" * fits, headers)
