@@ -300,6 +300,14 @@ class NatsCluster:
         nc = self.nc
         if nc is None:
             raise ClusterUnavailableError(self.name)
+        # nats-py writes the PING straight to the socket, ahead of what still waits in its
+        # buffer for the flusher task: the PONG would confirm less than was published.
+        # Hand the buffer to the socket first, as the flusher would.
+        transport = nc._transport
+        if nc.is_connected and nc._pending_data_size and transport is not None:
+            transport.writelines(nc._pending)
+            nc._pending = []
+            nc._pending_data_size = 0
         await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
 
