@@ -8,16 +8,22 @@ frozen with SIGSTOP) by the fixtures in conftest.py. Connections are counted by 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import nats as nats_py
 import pytest
+import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from forwarder import logs
 from forwarder.cluster import (
     ClusterClosedError,
     ClusterUnavailableError,
@@ -351,3 +357,54 @@ async def test_flush_confirms_that_the_server_has_every_byte(nats_servers, make_
     assert sub._conn is not None
     await sub._conn.flush(5)
     assert sub.pending_msgs == count
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@pytest.fixture
+def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The service's real JSON log configuration, writing to a buffer; restored afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", buffer)  # logs.configure writes to sys.stdout as it is now
+        logs.configure("info", "json")
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    try:
+        yield lines
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+async def test_connection_events_are_log_lines_with_the_cluster_name(nats_servers, json_logs):
+    server = nats_servers.server(name="c1")
+    cluster = NatsCluster(settings("Logged-1", server.url))  # created after logging is configured
+    try:
+        await cluster.connect()
+        server.kill()
+        await async_wait_until(lambda: not cluster.connected, 10)
+        await asyncio.to_thread(server.start)
+        await async_wait_until(lambda: cluster.connected, 15)
+    finally:
+        await cluster.close()
+    assert cluster.stats.disconnects == 1  # the kill; our own close is no disconnect
+    events = [line for line in json_logs() if line.get("cluster") == "Logged-1"]
+    names = [line["event"] for line in events]
+    for event in ("connected", "disconnected", "reconnected", "cluster_closed"):
+        assert names.count(event) == 1, names
+    assert names.index("connected") < names.index("disconnected") < names.index("reconnected")
+    assert names[-1] == "cluster_closed"
+    assert "connection_closed" not in names  # that warning is for a close we did not ask for
+    by_event = {line["event"]: line for line in events}
+    assert by_event["connected"]["server"] == server.url
+    assert by_event["reconnected"]["server"] == server.url
+    assert by_event["disconnected"]["level"] == "warning"
+    assert by_event["cluster_closed"]["level"] == "info"
