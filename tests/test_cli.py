@@ -282,3 +282,21 @@ def test_route_stdin_agrees_with_the_service_routing(config: Path) -> None:
         route = router.route(f"assets.{asset}.temp", None, b"")
         assert isinstance(route, tuple)
         assert got[asset] == route[0]
+
+
+def test_route_an_asset_argument_that_is_not_utf8_is_skipped_and_reported(config: Path, ring: Any) -> None:
+    cmd: list[str | bytes] = [
+        sys.executable,
+        "-m",
+        "forwarder",
+        "route",
+        "-c",
+        str(config),
+        "a",
+        b"p\xff",
+        "b",
+    ]
+    result = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert lines(result.stdout) == [f"{a}\t{ring.cluster_for(a)}" for a in ["a", "b"]]
+    assert lines(result.stderr) == ["forwarder: p\\xff: asset id is not valid UTF-8, skipped"]
