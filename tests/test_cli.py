@@ -300,3 +300,24 @@ def test_route_an_asset_argument_that_is_not_utf8_is_skipped_and_reported(config
     assert result.returncode == 1
     assert lines(result.stdout) == [f"{a}\t{ring.cluster_for(a)}" for a in ["a", "b"]]
     assert lines(result.stderr) == ["forwarder: p\\xff: asset id is not valid UTF-8, skipped"]
+
+
+def test_route_stdin_into_a_pipe_closed_early_stops_quietly(config: Path, tmp_path: Path) -> None:
+    # `forwarder route --stdin < ids | head -1`: the reader goes away long before the end.
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"asset-{i}\n" for i in range(300_000)))  # far beyond a pipe's buffer
+    with ids.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forwarder", "route", "-c", str(config), "--stdin"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"asset-0\t")
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=60) == 1
+    assert b"Traceback" not in stderr
+    assert stderr == b""
