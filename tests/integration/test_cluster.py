@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +23,7 @@ import pytest
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.command import pub_cmd
 
 from forwarder import logs
 from forwarder.cluster import (
@@ -293,6 +295,39 @@ async def test_try_publish_declines_unless_plainly_connected_with_room(
     assert not cluster.try_publish("t.x", b"closing")
     await closing
     assert sub.pending_msgs == 0
+
+
+PUB_RE = re.compile(rb"PUB (\S+) +(?:(\S+) +)?(\d+)\r\n", re.DOTALL)
+
+
+def parse_pub(command: bytes) -> tuple[bytes, bytes | None, bytes]:
+    """(subject, reply, payload) of one PUB command; the whole command must be consumed."""
+    m = PUB_RE.match(command)
+    assert m is not None, command[:60]
+    size = int(m.group(3))
+    assert command[m.end() + size :] == b"\r\n", "payload size and framing disagree"
+    return m.group(1), m.group(2), command[m.end() : m.end() + size]
+
+
+async def test_the_fast_path_writes_what_nats_py_would(nats_servers, make_cluster, subscriber):
+    server = nats_servers.server(name="c1")
+    cluster = make_cluster("C1", server.url)
+    await cluster.connect()
+    nc = cluster.nc
+    assert nc is not None
+    sub = await subscriber(server.url, "w.>")
+    cases = [("w.a", b""), ("w.b", b"x"), ("w.ä.東", b"\r\n\x00" * 100), ("w.a", b"again")]
+    for subject, payload in cases:
+        before = len(nc._pending)
+        assert cluster.try_publish(subject, payload)
+        (command,) = nc._pending[before:]
+        assert (
+            parse_pub(command)
+            == parse_pub(pub_cmd(subject, "", payload))
+            == (subject.encode(), None, payload)
+        )
+    await cluster.flush(5)
+    assert await received(sub, len(cases)) == [payload for _, payload in cases]
 
 
 async def test_try_publish_declines_while_disconnected(nats_servers, make_cluster):
