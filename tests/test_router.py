@@ -29,6 +29,7 @@ from forwarder.router import (
     NO_KEY_TOKEN,
     PAYLOAD_NOT_JSON,
     PAYLOAD_TOO_LARGE_TO_PARSE,
+    GraceRoute,
     Rejection,
     Router,
     compile_template,
@@ -485,3 +486,41 @@ def test_rejection_header_format_and_equality() -> None:
     assert r != Rejection("no_key_field", "other")
     assert hash(r) == hash(Rejection("no_key_field", "no asset_uuid field"))
     assert "no_key_field" in repr(r)
+
+
+class TestGraceRoutes:
+    """After a topology change, an asset whose cluster changed is also published to its old one."""
+
+    def test_a_moved_asset_gets_its_new_and_its_old_target(self) -> None:
+        previous = RendezvousRing({"C1": 1, "C2": 1})
+        ring = RendezvousRing({"C1": 1, "C2": 1, "C3": 1})
+        router = Router(make_router(token=1).settings, ring, TARGETS, previous=previous)
+        moved = stayed = 0
+        for i in range(300):
+            asset = f"a{i}"
+            result = route(router, f"assets.{asset}.x")
+            new, old = ring.cluster_for(asset), previous.cluster_for(asset)
+            if new != old:
+                assert result.__class__ is GraceRoute
+                assert result == (TARGETS[new], f"assets.{asset}.x", TARGETS[old])
+                moved += 1
+            else:
+                assert result.__class__ is tuple  # the hot path's plain route
+                assert result == (TARGETS[new], f"assets.{asset}.x")
+                stayed += 1
+        assert moved > 0
+        assert stayed > 0
+
+    def test_an_old_cluster_that_is_gone_gets_no_copy(self) -> None:
+        previous = RendezvousRing({"C1": 1, "Gone": 5})
+        ring = RendezvousRing({"C1": 1})
+        router = Router(make_router(header="Asset-Id").settings, ring, TARGETS, previous=previous)
+        for i in range(50):
+            result = route(router, "d.x", {"Asset-Id": f"a{i}"})
+            assert result.__class__ is tuple
+            assert result == (TARGETS["C1"], "d.x")
+
+    def test_rejections_are_not_affected(self) -> None:
+        previous = RendezvousRing({"C1": 1})
+        router = Router(make_router(token=1).settings, RendezvousRing({"C2": 1}), TARGETS, previous=previous)
+        rejected(route(router, "assets"), NO_KEY_TOKEN)
