@@ -78,9 +78,17 @@ def cmd_route(args: argparse.Namespace) -> int:
             return route_stream(
                 CachedRing(ring, settings.routing.cache_size), sys.stdin.buffer, sys.stdout.buffer
             )
+        bad = 0
         for asset in args.assets:
+            try:
+                asset.encode("utf-8")
+            except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+                bad += 1
+                shown = asset.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                print(f"forwarder: {shown}: asset id is not valid UTF-8, skipped", file=sys.stderr)
+                continue
             print(f"{asset}\t{ring.cluster_for(asset)}")
-        return 0
+        return 1 if bad else 0
 
     return _run_topology(settings, route)
 
@@ -350,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``forwarder route --stdin ... | head``): stop quietly, and
+        # point stdout at /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

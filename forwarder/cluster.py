@@ -151,7 +151,15 @@ class NatsCluster:
             if self._connecting is None:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             attempt = self._connecting
-        await asyncio.shield(attempt)
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # close() cancelled the shared attempt; a caller that was not cancelled itself
+            # learns why, instead of receiving a cancellation it never asked for.
+            task = asyncio.current_task()
+            if attempt.cancelled() and self.closing and not (task is not None and task.cancelling()):
+                raise ClusterClosedError(self.name) from None
+            raise
 
     async def _connect(self) -> None:
         nc = Client()
@@ -215,9 +223,10 @@ class NatsCluster:
         if nc is None:
             raise ClusterUnavailableError(self.name)
         size = len(payload)
-        if headers:
+        if headers is not None:
             # nats-py checks the payload alone; a server sent more than max_payload
-            # including headers closes the connection, so check the sum here.
+            # including headers closes the connection, so check the sum here ({} too:
+            # nats-py still sends a header block for it).
             size += header_block_size(headers)
         if size > nc.max_payload:
             raise MessageTooLargeError(self.name, size, nc.max_payload)
@@ -291,6 +300,14 @@ class NatsCluster:
         nc = self.nc
         if nc is None:
             raise ClusterUnavailableError(self.name)
+        # nats-py writes the PING straight to the socket, ahead of what still waits in its
+        # buffer for the flusher task: the PONG would confirm less than was published.
+        # Hand the buffer to the socket first, as the flusher would.
+        transport = nc._transport
+        if nc.is_connected and nc._pending_data_size and transport is not None:
+            transport.writelines(nc._pending)
+            nc._pending = []
+            nc._pending_data_size = 0
         await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
 

@@ -35,12 +35,18 @@ class ConnectionStats:
 
 
 def header_block_size(headers: dict[str, str] | None) -> int:
-    """Bytes of the header block nats-py writes for ``headers`` (counts toward max_payload)."""
-    if not headers:
+    """Bytes of the header block nats-py writes for ``headers`` (counts toward max_payload).
+
+    nats-py's arithmetic exactly: keys and values are stripped, blank keys skipped, and
+    an empty dict (not None) still writes ``NATS/1.0\r\n\r\n``.
+    """
+    if headers is None:
         return 0
     size = 12  # "NATS/1.0\r\n" ... "\r\n"
     for key, value in headers.items():
-        size += len(key) + len(value.encode("utf-8", "surrogateescape")) + 4  # "k: v\r\n"
+        name = key.strip()
+        if name:
+            size += len(name) + len(value.strip().encode("utf-8", "surrogateescape")) + 4  # "k: v\r\n"
     return size
 
 
