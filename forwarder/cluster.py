@@ -23,7 +23,7 @@ from nats.js.client import JetStreamContext
 
 from .cache import ComputingCache
 from .config import ClusterSettings, redact_url
-from .natsconn import ConnectionEvents, ConnectionStats, connect_options, header_block_size
+from .natsconn import ConnectionEvents, ConnectionStats, confirmed_flush, connect_options, header_block_size
 
 
 class ClusterError(Exception):
@@ -300,15 +300,7 @@ class NatsCluster:
         nc = self.nc
         if nc is None:
             raise ClusterUnavailableError(self.name)
-        # nats-py writes the PING straight to the socket, ahead of what still waits in its
-        # buffer for the flusher task: the PONG would confirm less than was published.
-        # Hand the buffer to the socket first, as the flusher would.
-        transport = nc._transport
-        if nc.is_connected and nc._pending_data_size and transport is not None:
-            transport.writelines(nc._pending)
-            nc._pending = []
-            nc._pending_data_size = 0
-        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
+        await confirmed_flush(nc, timeout)
 
 
 class BufferedWriter:

@@ -50,6 +50,22 @@ def header_block_size(headers: dict[str, str] | None) -> int:
     return size
 
 
+async def confirmed_flush(nc: Any, timeout: float) -> None:
+    """One round trip that confirms every byte published before it.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of what still
+    waits in its buffer for the flusher task, so its PONG can confirm less than was
+    published (and a SUB still buffered may not be registered yet). Hand the buffer
+    to the socket first, as the flusher would, then flush.
+    """
+    transport = nc._transport
+    if nc.is_connected and nc._pending_data_size and transport is not None:
+        transport.writelines(nc._pending)
+        nc._pending = []
+        nc._pending_data_size = 0
+    await nc.flush(timeout=timeout)
+
+
 def read_secret_file(path: str) -> str:
     """A password or token mounted as a file (a Kubernetes Secret): trailing newline stripped."""
     value = Path(path).read_text(encoding="utf-8").strip()

@@ -49,6 +49,12 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    data = text.encode("utf-8")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+
+
 class DeadLetters:
     """Publishes unroutable messages to the dead-letter subject, with the reason."""
 
@@ -60,12 +66,14 @@ class DeadLetters:
 
     def build(self, msg: Msg, rejection: Rejection) -> tuple[bytes, dict[str, str]]:
         """The payload and headers of the dead letter, cut to fit the source's max_payload."""
-        original = printable(msg.subject)
-        headers: dict[str, str] = dict(msg.headers or {})
-        headers[ERROR_HEADER] = rejection.header()[:512]
-        headers[SUBJECT_HEADER] = original[:1024]
         payload = msg.data
         limit = self._connection.max_payload or 1024 * 1024
+        # Our two headers stay well inside the limit however small it is: in bytes, cut at
+        # a character boundary (a subject may be long and not ASCII).
+        budget = max(64, min(1024, limit // 8))
+        headers: dict[str, str] = dict(msg.headers or {})
+        headers[ERROR_HEADER] = cut_utf8(rejection.header(), budget // 2)
+        headers[SUBJECT_HEADER] = cut_utf8(printable(msg.subject), budget)
         if header_block_size(headers) + len(payload) > limit:
             truncated_note = {TRUNCATED_HEADER: str(len(payload))}
             if header_block_size(headers | truncated_note) > limit // 2:

@@ -179,6 +179,15 @@ def test_long_reasons_and_subjects_are_capped() -> None:
     assert headers[SUBJECT_HEADER] == ("a." + "s" * 5000)[:1024]
 
 
+def test_a_long_non_ascii_subject_fits_a_small_max_payload() -> None:
+    limit = 1024
+    dl, _, _ = dead_letters(limit)
+    payload, headers = dl.build(message("a." + "ü" * 4000, b"x" * 100), REJECTION)
+    assert len(nats_py_header_block(headers, payload)) + len(payload) <= limit
+    assert headers[SUBJECT_HEADER].startswith("a.üü")
+    headers[SUBJECT_HEADER].encode("utf-8")  # cut at a character boundary
+
+
 def test_a_dead_letter_that_fits_is_not_cut() -> None:
     limit = 2048
     dl, _, _ = dead_letters(limit)
@@ -240,14 +249,14 @@ def test_headers_larger_than_the_limit_alone_give_way_to_ours() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    limit=st.integers(min_value=8192, max_value=70_000),
+    limit=st.integers(min_value=1024, max_value=70_000),
     size=st.integers(min_value=0, max_value=100_000),
     original=st.dictionaries(
         st.text(alphabet="ABCDEFGHIJ-", min_size=1, max_size=12),
         st.text(max_size=3000).map(str.strip),
         max_size=5,
     ),
-    subject=st.text(min_size=1, max_size=300),
+    subject=st.text(min_size=1, max_size=3000),
 )
 def test_every_dead_letter_fits_the_source_max_payload(
     limit: int, size: int, original: dict[str, str], subject: str
