@@ -246,13 +246,39 @@ def _gauge(name: str, doc: str, samples: Samples, *labels: str) -> Metric:
     return family
 
 
+class SampledProcessCollector:
+    """prometheus_client's process metrics (CPU, memory, open fds), sampled by ``refresh()``.
+
+    Reading them takes about ten file operations in ``/proc``; each releases the GIL,
+    and the HTTP thread that serves a scrape then waits up to a switch interval (5 ms)
+    to get it back from the busy forwarding loop: tens of milliseconds a scrape. The
+    service refreshes the sample once a second on its event loop instead (about 80 us),
+    so a scrape only copies it.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(registry=None)
+        self._sample: list[Metric] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._sample = list(self._collector.collect())
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._sample)
+
+
 class Metrics:
-    """The registry: the forwarder's collector plus the process collector (CPU, RSS, fds)."""
+    """The registry: the forwarder's collector plus the process metrics (CPU, RSS, fds)."""
 
     def __init__(self, service: ServiceView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ForwarderCollector(service))
-        ProcessCollector(registry=self.registry)
+        self.process = SampledProcessCollector()
+        self.registry.register(self.process)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

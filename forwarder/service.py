@@ -18,7 +18,7 @@ from .acking import AckingPipeline, DeadLetterLane, ParkLane
 from .cluster import NatsCluster
 from .config import Settings, redact_url
 from .hashring import build_ring
-from .http import HttpServer
+from .http import HttpServer, HttpThread
 from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
 from .pipeline import CorePipeline, DeadLetters
@@ -27,6 +27,11 @@ from .source import CoreSource, JetStreamSource
 from .stats import ForwardingStats
 
 HOUSEKEEPING_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 1.0
+# /healthz answers 503 when the event loop has not turned for this long: the HTTP
+# server runs on a thread of its own, so answering no longer proves that the
+# forwarding works.
+LOOP_STALL_SECONDS = 10.0
 STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before consuming anyway
 
 
@@ -62,11 +67,12 @@ class Server:
             self.router = Router(settings.routing, ring, lanes)
             self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats, park)
         self._metrics = Metrics(self)
-        self.http = HttpServer(settings.http.host, settings.http.port, self)
+        self.http = HttpThread(HttpServer(settings.http.host, settings.http.port, self))
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.loop_heartbeat = time.monotonic()  # the event loop's last turn, for /healthz
 
-    # ---- what metrics and HTTP read
+    # ---- what metrics and HTTP read (from the HTTP thread: plain reads only)
 
     @property
     def source(self) -> CoreSource:
@@ -81,6 +87,12 @@ class Server:
 
     def metrics(self) -> bytes:
         return self._metrics.render()
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        silent = time.monotonic() - self.loop_heartbeat
+        if silent > LOOP_STALL_SECONDS:
+            return False, {"status": "stalled", "event_loop_silent_seconds": round(silent, 1)}
+        return True, {"status": "ok"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         problems: dict[str, str] = {}
@@ -101,7 +113,8 @@ class Server:
         return f"{state}: {last_error}" if last_error else state
 
     def route(self, asset: str) -> dict[str, Any]:
-        name = self.router.cluster_for(asset)
+        # The ring itself (pure, immutable), not the router's cache that the hot path fills.
+        name = self.router.ring.cluster_for(asset)
         servers = self.settings.cluster(name).connection.servers
         return {"asset": asset, "cluster": name, "servers": [redact_url(u) for u in servers]}
 
@@ -142,6 +155,7 @@ class Server:
             self._exit_event.set()
         if install_signals:
             self.install_signal_handlers()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat(), name="heartbeat"))
         try:
             await self.startup()
             await self.main_loop()
@@ -194,6 +208,11 @@ class Server:
         elif task.exception() is not None:
             raise task.exception()
 
+    async def _heartbeat(self) -> None:
+        while True:
+            self.loop_heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
     async def main_loop(self) -> None:
         assert self._exit_event is not None
         while not self.should_exit:
@@ -203,9 +222,11 @@ class Server:
                 await self.housekeeping()
 
     async def housekeeping(self) -> None:
-        """Once a second: notice a dead source read loop; report suppressed log lines."""
+        """Once a second: notice a dead source read loop; report suppressed log lines;
+        sample the process metrics."""
         await self._source.check()
         flush_rate_limited()
+        self._metrics.process.refresh()
 
     async def shutdown(self) -> None:
         """Stop consuming, finish in-flight messages, flush, drain-close everything."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from typing import Any
 
 import pytest
 
 from forwarder import http
-from forwarder.http import MAX_ASSET_BYTES, MAX_REQUEST_BYTES, HttpServer
+from forwarder.http import MAX_ASSET_BYTES, MAX_REQUEST_BYTES, HttpServer, HttpThread
 from forwarder.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 
@@ -85,6 +86,15 @@ def test_healthz_answers_ok_without_a_liveness_check(server):
     response = server.respond("GET", "/healthz")
     assert response[:2] == (200, "application/json")
     assert body(response) == {"status": "ok"}
+
+
+def test_healthz_is_503_when_the_provider_reports_a_stalled_loop(server, provider):
+    provider.alive = False
+    response = server.respond("GET", "/healthz")
+    assert response[0] == 503
+    assert body(response) == {"status": "stalled"}
+    provider.alive = True
+    assert server.respond("GET", "/healthz")[0] == 200
 
 
 def test_readyz_is_200_when_ready_and_503_naming_what_is_not(server, provider):
@@ -250,3 +260,109 @@ async def test_a_silent_client_is_dropped_after_the_read_timeout(running, monkey
         started = time.monotonic()
         assert await asyncio.to_thread(sock.recv, 1) == b""  # closed by the server, no answer
         assert time.monotonic() - started < 3
+
+
+# ------------------------------------------------------------------ HttpThread: its own loop
+
+
+def test_http_thread_serves_while_the_callers_loop_is_blocked(provider):
+    """The point of the thread: a busy forwarding loop must not delay an answer."""
+
+    async def scenario() -> float:
+        thread = HttpThread(HttpServer("127.0.0.1", 0, provider))
+        await thread.start()
+        try:
+            answered: list[float] = []
+
+            def client() -> None:
+                started = time.monotonic()
+                status, _, _ = parse(exchange(thread.port, b"GET /readyz HTTP/1.1\r\n\r\n"))
+                assert status == 200
+                answered.append(time.monotonic() - started)
+
+            worker = threading.Thread(target=client)
+            worker.start()
+            time.sleep(1.0)  # noqa: ASYNC251 - blocks this loop on purpose, like a long forwarding turn
+            worker.join(5)
+            assert answered, "no answer while the service's loop was blocked"
+            return answered[0]
+        finally:
+            await thread.close()
+
+    elapsed = asyncio.run(scenario())
+    assert elapsed < 0.5
+
+
+async def test_http_thread_reports_a_busy_port_and_leaves_no_thread(provider):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        thread = HttpThread(HttpServer("127.0.0.1", port, provider))
+        with pytest.raises(OSError, match="ddress already in use"):
+            await thread.start()
+        await thread.close()
+        assert thread._thread is not None
+        assert not thread._thread.is_alive()
+
+
+async def test_http_thread_close_stops_listening_and_joins(provider):
+    thread = HttpThread(HttpServer("127.0.0.1", 0, provider))
+    await thread.start()
+    port = thread.port
+    assert port != 0
+    assert (await fetch(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
+    await thread.close()
+    assert thread._thread is not None
+    assert not thread._thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    await thread.close()  # idempotent
+
+
+# ------------------------------------------------------------------ the service's liveness
+
+
+@pytest.fixture
+def service(tmp_path):
+    from forwarder.config import load_config
+    from forwarder.service import Server
+    from tests.integration.harness import write_config
+
+    return Server(
+        load_config(write_config(tmp_path / "f.yaml", "nats://127.0.0.1:1", {"C1": "nats://c1:4222"}))
+    )
+
+
+def test_service_liveness_turns_503_when_its_event_loop_stops_turning(service):
+    from forwarder.service import LOOP_STALL_SECONDS
+
+    server = HttpServer("127.0.0.1", 0, service)
+    assert server.respond("GET", "/healthz")[0] == 200
+    service.loop_heartbeat -= LOOP_STALL_SECONDS + 1
+    status, _, payload = server.respond("GET", "/healthz")
+    assert status == 503
+    doc = json.loads(payload)
+    assert doc["status"] == "stalled"
+    assert doc["event_loop_silent_seconds"] > LOOP_STALL_SECONDS
+
+
+async def test_service_heartbeat_keeps_liveness_fresh(service, monkeypatch):
+    from forwarder import service as service_module
+
+    monkeypatch.setattr(service_module, "HEARTBEAT_INTERVAL", 0.01)
+    service.loop_heartbeat = 0.0
+    task = asyncio.get_running_loop().create_task(service._heartbeat())
+    try:
+        await asyncio.sleep(0.05)
+        assert service.liveness()[0]
+        assert time.monotonic() - service.loop_heartbeat < 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_service_route_answers_from_the_ring_without_filling_the_hot_path_cache(service):
+    answer = service.route("pump-7")
+    assert answer == {"asset": "pump-7", "cluster": "C1", "servers": ["nats://c1:4222"]}
+    assert service.router._cluster_of.entries() == 0  # the HTTP thread never writes to it
