@@ -251,6 +251,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.close()
+        flush_rate_limited(force=True)  # what a flood suppressed in its last seconds
         self.log.info(
             "forwarder_stopped",
             received=self.stats.received,
