@@ -66,6 +66,7 @@ class Server:
             park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
             self.router = Router(settings.routing, ring, lanes)
             self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats, park)
+        dead_letters.asset_of = self.router.asset_of
         self._metrics = Metrics(self)
         self.http = HttpThread(HttpServer(settings.http.host, settings.http.port, self))
         self._exit_event: asyncio.Event | None = None
