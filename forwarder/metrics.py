@@ -200,6 +200,14 @@ class ForwarderCollector:
             "cluster",
         )
         yield _gauge("source_connected", "1 when the source connection is up.", [((), int(source.connected))])
+        # A source server closes a consumer that falls too far behind (its max_pending):
+        # the forwarder sees that only as a disconnect, so it must not go unseen.
+        yield _counter(
+            "source_disconnects", "Disconnects of the source connection.", [((), source.stats.disconnects)]
+        )
+        yield _counter(
+            "source_reconnects", "Reconnects of the source connection.", [((), source.stats.reconnects)]
+        )
         yield _counter("source_stalls", "Source read loops found dead and restarted.", [((), source.stalls)])
         lag = source.lag()
         if lag is not None:

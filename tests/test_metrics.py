@@ -90,6 +90,7 @@ def service() -> FakeService:
     c2 = FakeCluster("C2", forwarded=300, connected=False, pending_bytes_limit=1 << 20)
     source = FakeSource(stalls=1, pending_msgs=42, pending_bytes=8400)
     source.stats.slow_consumer_events, source.stats.slow_consumer_dropped = 9, 9
+    source.stats.disconnects, source.stats.reconnects = 4, 3
     svc = FakeService(source, [c1, c2], shares={"C1": 0.6, "C2": 0.4})
     svc.stats.received = 1020
     svc.stats.dead_lettered.update({"no_key_token": 15, "too_large": 5})
@@ -158,6 +159,8 @@ def test_cluster_connection_state_and_reconnect_buffer(service):
     assert by("cluster", fams["forwarder_cluster_pending_bytes"]) == {"C1": 4096, "C2": 0}
     assert by("cluster", fams["forwarder_cluster_pending_bytes_limit"]) == {"C1": 8 << 20, "C2": 1 << 20}
     assert values(fams["forwarder_source_connected"]) == {(): 1}
+    assert values(fams["forwarder_source_disconnects"], "_total") == {(): 4}
+    assert values(fams["forwarder_source_reconnects"], "_total") == {(): 3}
     service.source.connected = False
     assert values(families(service)["forwarder_source_connected"]) == {(): 0}
 

@@ -27,8 +27,9 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "asset-forwarder.json"
 RUNBOOK = REPO_ROOT / "docs" / "runbook.md"
 
 # The public metric contract (issue 5, plus what the collector added since: parked, dead
-# letter failures, source stalls). tests/test_metrics.py checks that the collector exposes
-# exactly these. A histogram also exposes _bucket/_sum/_count.
+# letter failures, source stalls, source disconnects/reconnects). tests/test_metrics.py
+# checks that the collector exposes exactly these. A histogram also exposes
+# _bucket/_sum/_count.
 COUNTERS = {
     "forwarder_messages_received_total",
     "forwarder_messages_forwarded_total",
@@ -42,6 +43,8 @@ COUNTERS = {
     "forwarder_messages_parked_total",
     "forwarder_dead_letter_failures_total",
     "forwarder_source_stalls_total",
+    "forwarder_source_disconnects_total",
+    "forwarder_source_reconnects_total",
 }
 GAUGES = {
     "forwarder_pending_messages",
@@ -297,6 +300,7 @@ def test_dashboard_covers_the_operator_questions() -> None:
         "forwarder_slow_consumer_dropped_total",
         "forwarder_cluster_connected",  # connection state
         "forwarder_source_connected",
+        "forwarder_source_disconnects_total",  # a server-side slow consumer shows only as this
         "forwarder_source_lag_messages",  # lag
         "forwarder_messages_dead_lettered_total",  # dead letters by reason
         "forwarder_messages_parked_total",  # JetStream source: parked while a cluster is down
