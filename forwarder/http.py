@@ -210,6 +210,8 @@ class HttpThread:
         await asyncio.wrap_future(started)
 
     def _run(self, started: concurrent.futures.Future[None]) -> None:
+        if not started.set_running_or_notify_cancel():
+            return  # start() was cancelled before the thread ran
         loop = _new_event_loop()
         asyncio.set_event_loop(loop)
         try:
