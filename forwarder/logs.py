@@ -48,7 +48,7 @@ class Redactor:
                     self._secrets.add(secret.strip())
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in tuple(self._secrets):  # a snapshot: the HTTP thread logs too
             if secret in text:
                 text = text.replace(secret, "***")
         for pattern, replacement in _PATTERNS:
