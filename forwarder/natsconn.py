@@ -79,6 +79,7 @@ class ConnectionEvents:
         self.log = get_logger(**{kind: stats.label})
         self.limited = RateLimitedLogger(self.log)
         self.client: Any = None  # set once the nats-py client exists
+        self.closing = False  # set before we close on purpose: no disconnect warning then
 
     def _server(self) -> str | None:
         url = getattr(self.client, "connected_url", None)
@@ -91,7 +92,7 @@ class ConnectionEvents:
         self.log.info("connected", server=self.stats.connected_url)
 
     async def disconnected(self) -> None:
-        if self.stats.connected:
+        if self.stats.connected and not self.closing:
             self.stats.disconnects += 1
             self.log.warning("disconnected", server=self.stats.connected_url)
         self.stats.connected = False
@@ -104,7 +105,8 @@ class ConnectionEvents:
 
     async def closed(self) -> None:
         self.stats.connected = False
-        self.log.info("connection_closed")
+        if not self.closing:
+            self.log.warning("connection_closed")
 
     async def error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):

@@ -100,6 +100,13 @@ class CoreSource:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def client(self) -> SourceClient:
+        """The source connection (for the topology bucket, which lives there too)."""
+        if self.nc is None:
+            raise ConnectionError("source is not connected")
+        return self.nc
+
+    @property
     def subscribed(self) -> bool:
         return self.sub is not None and self.connected
 
@@ -173,6 +180,7 @@ class CoreSource:
             await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        self._events.closing = True
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:

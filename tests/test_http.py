@@ -364,5 +364,10 @@ async def test_service_heartbeat_keeps_liveness_fresh(service, monkeypatch):
 
 def test_service_route_answers_from_the_ring_without_filling_the_hot_path_cache(service):
     answer = service.route("pump-7")
-    assert answer == {"asset": "pump-7", "cluster": "C1", "servers": ["nats://c1:4222"]}
+    assert answer == {
+        "asset": "pump-7",
+        "cluster": "C1",
+        "servers": ["nats://c1:4222"],
+        "topology_version": 1,
+    }
     assert service.router._cluster_of.entries() == 0  # the HTTP thread never writes to it

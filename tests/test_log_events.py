@@ -164,6 +164,9 @@ class FakeCluster:
         self.connected = True
         self.settings = None
 
+    def try_publish(self, subject: str, payload: bytes) -> bool:
+        return False  # the synchronous fast path declines: the awaited publish raises
+
     async def publish(self, subject: str, payload: bytes, headers: Any = None) -> None:
         raise self.error
 
@@ -171,7 +174,8 @@ class FakeCluster:
 async def test_core_pipeline_too_large_dead_letter_names_cluster_and_asset():
     dl, rec = dead_letters(router(KeySettings("subject_token", token=1)).asset_of)
     cluster = FakeCluster("C2", MessageTooLargeError("C2", 2000, 1024))
-    pipeline = CorePipeline(lambda s, h, d: (cluster, s), dl, ForwardingStats())
+    pipeline = CorePipeline(dl, ForwardingStats())
+    pipeline.use(lambda s, h, d: (cluster, s))
     await pipeline.handle(msg("assets.pump-7.temp"))
     kw = rec.lines[0][2]
     assert (kw["reason"], kw["cluster"], kw["asset"], kw["subject"]) == (
@@ -185,7 +189,8 @@ async def test_core_pipeline_too_large_dead_letter_names_cluster_and_asset():
 async def test_core_pipeline_publish_failure_names_cluster_and_subject():
     dl, _ = dead_letters()
     cluster = FakeCluster("C3", ConnectionResetError("reset"))
-    pipeline = CorePipeline(lambda s, h, d: (cluster, s), dl, ForwardingStats())
+    pipeline = CorePipeline(dl, ForwardingStats())
+    pipeline.use(lambda s, h, d: (cluster, s))
     rec = Recorder()
     pipeline._log = RateLimitedLogger(rec)
     await pipeline.handle(msg("assets.pump-7.temp"))

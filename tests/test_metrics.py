@@ -30,6 +30,7 @@ class FakeCluster:
     publish_errors: int = 0
     redeliveries: int = 0
     parked: int = 0
+    grace_publishes: int = 0
     stats: ConnectionStats = field(default_factory=lambda: ConnectionStats("?"))
     connected: bool = True
     pending_bytes: int = 0
@@ -62,8 +63,13 @@ class FakeService:
     algorithm: str = "rendezvous"
     shares: dict[str, float] = field(default_factory=dict)
 
+    topology: tuple[int, int, int] = (3, 2, 1)  # version, changes applied, apply errors
+
     def ring_shares(self) -> dict[str, float]:
         return self.shares
+
+    def topology_counts(self) -> tuple[int, int, int]:
+        return self.topology
 
 
 def families(service: Any) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def by(label: str, family: Any, suffix: str = "") -> dict[str, float]:
 
 @pytest.fixture
 def service() -> FakeService:
-    c1 = FakeCluster("C1", forwarded=700, publish_errors=3, redeliveries=5, parked=11)
+    c1 = FakeCluster("C1", forwarded=700, publish_errors=3, redeliveries=5, parked=11, grace_publishes=4)
     c1.stats.reconnects, c1.stats.disconnects = 2, 3
     c1.stats.slow_consumer_events, c1.stats.slow_consumer_dropped = 1, 1
     c1.pending_bytes, c1.sub_pending = 4096, (7, 900)
@@ -119,6 +125,7 @@ def test_counters_carry_the_per_cluster_values(service):
         ("forwarder_publish_errors", "publish_errors"),
         ("forwarder_redeliveries", "redeliveries"),
         ("forwarder_messages_parked", "parked"),
+        ("forwarder_grace_publishes", "grace_publishes"),
     ]:
         assert by("cluster", fams[name], "_total") == {c.name: getattr(c, attr) for c in service.clusters}
     assert by("cluster", fams["forwarder_cluster_reconnects"], "_total") == {"C1": 2, "C2": 0}
@@ -182,6 +189,13 @@ def test_source_lag_appears_only_where_there_is_one(service):
     assert "forwarder_source_lag_messages" not in families(service)  # core source
     service.source.lag_value = 1234
     assert values(families(service)["forwarder_source_lag_messages"]) == {(): 1234}
+
+
+def test_topology_version_changes_and_apply_errors(service):
+    fams = families(service)
+    assert values(fams["forwarder_topology_version"]) == {(): 3}
+    assert values(fams["forwarder_topology_changes"], "_total") == {(): 2}
+    assert values(fams["forwarder_topology_apply_errors"], "_total") == {(): 1}
 
 
 def test_ring_share_and_build_info(service):

@@ -27,7 +27,7 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "asset-forwarder.json"
 RUNBOOK = REPO_ROOT / "docs" / "runbook.md"
 
 # The public metric contract (issue 5, plus what the collector added since: parked, dead
-# letter failures, source stalls, source disconnects/reconnects). tests/test_metrics.py
+# letter failures, source stalls, source disconnects/reconnects, the live topology's). tests/test_metrics.py
 # checks that the collector exposes exactly these. A histogram also exposes
 # _bucket/_sum/_count.
 COUNTERS = {
@@ -45,6 +45,9 @@ COUNTERS = {
     "forwarder_source_stalls_total",
     "forwarder_source_disconnects_total",
     "forwarder_source_reconnects_total",
+    "forwarder_topology_changes_total",
+    "forwarder_topology_apply_errors_total",
+    "forwarder_grace_publishes_total",
 }
 GAUGES = {
     "forwarder_pending_messages",
@@ -57,6 +60,7 @@ GAUGES = {
     "forwarder_source_lag_messages",
     "forwarder_ring_share",
     "forwarder_build_info",
+    "forwarder_topology_version",
 }
 HISTOGRAMS = {"forwarder_forward_latency_seconds"}
 KNOWN_METRICS = (
