@@ -40,7 +40,7 @@ from nats.js.api import PubAck
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
-from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn
+from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn, printable
 from .router import GraceRoute, Rejection
 from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
@@ -99,12 +99,17 @@ class Lane:
         self.acks = acks
         self.stats = stats
         self.timeout = timeout
-        self.log = RateLimitedLogger(get_logger(cluster=name))
+        self.log = RateLimitedLogger(get_logger(**self.log_context(name)))
         self._batch: list[Any] = []
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.confirming = 0  # messages in the batch being confirmed right now
+
+    @staticmethod
+    def log_context(name: str) -> dict[str, str]:
+        """What every log line of this lane carries: a cluster lane names its cluster."""
+        return {"lane": name}
 
     @property
     def waiting(self) -> int:
@@ -155,7 +160,9 @@ class Lane:
     async def _refuse(self, msg: Msg, why: str) -> None:
         """Transient failure: negatively acknowledge with the back-off; it comes back later."""
         delay = self.acks.backoff(msg)
-        self.log.warning("redelivery_scheduled", why, cluster=self.name, reason=why, delay=delay)
+        self.log.warning(
+            "redelivery_scheduled", why, reason=why, delay=delay, subject=printable(msg.subject)[:200]
+        )
         await self.acks.nak(msg, delay)
 
 
@@ -186,6 +193,10 @@ class DeadLetterLane(Lane):
 
 class ClusterLane(Lane):
     """A core target: published into the connection's buffer, confirmed by one flush per batch."""
+
+    @staticmethod
+    def log_context(name: str) -> dict[str, str]:
+        return {"cluster": name}
 
     def __init__(
         self,
@@ -255,10 +266,13 @@ class ClusterLane(Lane):
         await super()._refuse(msg, why)
 
     async def _publish_failed(self, msg: Msg, exc: Exception) -> None:
+        name = self.name
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
-            await self.dead.submit(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
+            await self.dead.submit(
+                msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
+            )
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError | TimeoutError):
             self.cluster.publish_errors += 1
             await self._retry_later(msg, f"publish failed: {type(exc).__name__}")
@@ -309,11 +323,15 @@ class JetStreamLane(ClusterLane):
             except (TimeoutError, ClusterError, nats.errors.Error):
                 has_stream = True  # cannot tell now: treat as transient
             if not has_stream:
-                await self.dead.submit(msg, Rejection(NO_STREAM, f"no stream on cluster {self.name} for it"))
+                rejection = Rejection(
+                    NO_STREAM, f"no stream on cluster {self.name} for it", cluster=self.name
+                )
+                await self.dead.submit(msg, rejection)
                 return
         elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == MAX_PAYLOAD_API_ERROR:
             await self.dead.submit(
-                msg, Rejection(TOO_LARGE, exc.description or "larger than the stream allows")
+                msg,
+                Rejection(TOO_LARGE, exc.description or "larger than the stream allows", cluster=self.name),
             )
             return
         self.cluster.publish_errors += 1
@@ -338,6 +356,7 @@ class ParkLane(Lane):
     async def _confirm(self, batch: list[Any]) -> None:
         _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
         parked: list[Msg] = []
+        per_cluster: dict[str, int] = {}
         for msg, lane, future in batch:
             if future in pending or future.cancelled() or future.exception() is not None:
                 future.cancel()
@@ -345,8 +364,10 @@ class ParkLane(Lane):
             else:
                 lane.cluster.parked += 1
                 parked.append(msg)
+                per_cluster[lane.name] = per_cluster.get(lane.name, 0) + 1
+        for cluster, count in per_cluster.items():
+            self.log.warning("messages_parked", cluster, cluster=cluster, count=count)
         if parked:
-            self.log.warning("messages_parked", "parked", count=len(parked))
             await self.acks.ack(parked)
 
 

@@ -6,7 +6,9 @@ Two safety nets live here because every line passes through them:
   including formatted tracebacks and lines from third-party loggers (nats-py);
 - rate limiting: an event that can repeat per message (dead letter, publish error,
   slow consumer) is logged at most once per interval per key, and the next line
-  carries ``suppressed=N``, so a flood of bad messages cannot fill a disk.
+  carries ``suppressed=N``, so a flood of bad messages cannot fill a disk. Every line
+  stands for itself plus the ``suppressed`` events before it: the number of events is
+  the number of lines plus the sum of ``suppressed``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Redactor:
                     self._secrets.add(secret.strip())
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in tuple(self._secrets):  # a snapshot: the HTTP thread logs too
             if secret in text:
                 text = text.replace(secret, "***")
         for pattern, replacement in _PATTERNS:
@@ -60,7 +62,7 @@ class Redactor:
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, dict):
-            return {str(k): self.scrub(v) for k, v in value.items()}
+            return {self.redact(str(k)): self.scrub(v) for k, v in value.items()}  # keys may be URLs
         if isinstance(value, list | tuple | set | frozenset):
             return [self.scrub(v) for v in value]
         return self.redact(str(value))
@@ -117,10 +119,11 @@ def get_logger(**context: Any) -> Any:
 _rate_limited: weakref.WeakSet[RateLimitedLogger] = weakref.WeakSet()
 
 
-def flush_rate_limited() -> None:
-    """Report suppressed counts of every rate-limited logger (called once a second)."""
+def flush_rate_limited(*, force: bool = False) -> None:
+    """Report suppressed counts of every rate-limited logger (called once a second, and
+    with ``force`` at shutdown so that no count is lost)."""
     for limited in list(_rate_limited):
-        limited.flush()
+        limited.flush(force=force)
 
 
 class RateLimitedLogger:
@@ -156,10 +159,18 @@ class RateLimitedLogger:
     def error(self, event: str, key: str = "", **kw: Any) -> None:
         self.log("error", event, key, **kw)
 
-    def flush(self) -> None:
-        """Emit one line for every key whose interval passed with suppressed events."""
+    def flush(self, *, force: bool = False) -> None:
+        """Emit one line for every key whose interval passed with suppressed events (with
+        ``force``: every key with suppressed events).
+
+        The line is the last suppressed event (its values) and carries the number of
+        the others, so that lines plus ``suppressed`` still count every event.
+        """
         now = time.monotonic()
-        for (level, event, _key), state in self._state.items():
-            if state[1] and now - state[0] >= self._interval:
-                getattr(self._log, level)(event, **{**state[2], "suppressed": state[1]})
+        for (level, event, _key), state in list(self._state.items()):
+            if state[1] and (force or now - state[0] >= self._interval):
+                fields = {k: v for k, v in state[2].items() if k != "suppressed"}
+                if state[1] > 1:
+                    fields["suppressed"] = state[1] - 1
+                getattr(self._log, level)(event, **fields)
                 state[0], state[1] = now, 0

@@ -207,6 +207,14 @@ class ForwarderCollector:
             "cluster",
         )
         yield _gauge("source_connected", "1 when the source connection is up.", [((), int(source.connected))])
+        # A source server closes a consumer that falls too far behind (its max_pending):
+        # the forwarder sees that only as a disconnect, so it must not go unseen.
+        yield _counter(
+            "source_disconnects", "Disconnects of the source connection.", [((), source.stats.disconnects)]
+        )
+        yield _counter(
+            "source_reconnects", "Reconnects of the source connection.", [((), source.stats.reconnects)]
+        )
         yield _counter("source_stalls", "Source read loops found dead and restarted.", [((), source.stalls)])
         lag = source.lag()
         if lag is not None:
@@ -267,13 +275,39 @@ def _gauge(name: str, doc: str, samples: Samples, *labels: str) -> Metric:
     return family
 
 
+class SampledProcessCollector:
+    """prometheus_client's process metrics (CPU, memory, open fds), sampled by ``refresh()``.
+
+    Reading them takes about ten file operations in ``/proc``; each releases the GIL,
+    and the HTTP thread that serves a scrape then waits up to a switch interval (5 ms)
+    to get it back from the busy forwarding loop: tens of milliseconds a scrape. The
+    service refreshes the sample once a second on its event loop instead (about 80 us),
+    so a scrape only copies it.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(registry=None)
+        self._sample: list[Metric] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._sample = list(self._collector.collect())
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._sample)
+
+
 class Metrics:
-    """The registry: the forwarder's collector plus the process collector (CPU, RSS, fds)."""
+    """The registry: the forwarder's collector plus the process metrics (CPU, RSS, fds)."""
 
     def __init__(self, service: ServiceView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ForwarderCollector(service))
-        ProcessCollector(registry=self.registry)
+        self.process = SampledProcessCollector()
+        self.registry.register(self.process)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
 from .natsconn import header_block_size
-from .router import GraceRoute, Rejection
+from .router import GraceRoute, Rejection, shown_asset
 from .stats import ForwardingStats
 from .topology import GRACE_ID_HEADER, grace_ids
 
@@ -63,6 +63,9 @@ class DeadLetters:
         self._connection = connection
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
+        # (subject, headers, payload) -> asset id: names the asset of a routed message
+        # that its cluster refused (the router's ``asset_of``; set by the service).
+        self.asset_of: Callable[[str, Mapping[str, str] | None, bytes], str | None] | None = None
 
     def build(self, msg: Msg, rejection: Rejection) -> tuple[bytes, dict[str, str]]:
         """The payload and headers of the dead letter, cut to fit the source's max_payload."""
@@ -87,12 +90,22 @@ class DeadLetters:
         """Publish the dead letter (buffered); False if even that failed (counted, logged)."""
         self._stats.dead_lettered[rejection.reason] += 1
         payload, headers = self.build(msg, rejection)
+        context: dict[str, str] = {}
+        asset = rejection.asset
+        if asset is None and rejection.cluster is not None and self.asset_of is not None:
+            found = self.asset_of(msg.subject, msg.headers, msg.data)
+            asset = shown_asset(found) if found is not None else None
+        if asset is not None:
+            context["asset"] = asset
+        if rejection.cluster is not None:
+            context["cluster"] = rejection.cluster
         self._log.warning(
             "dead_letter",
             rejection.reason,
             reason=rejection.reason,
             detail=rejection.detail,
             subject=printable(msg.subject)[:200],
+            **context,
         )
         try:
             await self._connection.publish(self.subject, payload, headers)
@@ -174,13 +187,19 @@ class CorePipeline:
             old.publish_errors += 1
 
     async def _failed(self, msg: Msg, cluster: NatsCluster, exc: Exception) -> None:
+        name = cluster.name
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
-            await self._dead_letters.send(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
+            rejection = Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
+            await self._dead_letters.send(msg, rejection)
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self._dead_letters.send(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self._dead_letters.send(
+                msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name)
+            )
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError):
             # At-most-once: a cluster that cannot take the message now loses it, counted.
             cluster.publish_errors += 1
-            self._log.warning("publish_failed", cluster.name, cluster=cluster.name, error=str(exc))
+            self._log.warning(
+                "publish_failed", name, cluster=name, subject=printable(msg.subject)[:200], error=str(exc)
+            )
         else:
             raise exc

@@ -37,13 +37,22 @@ BAD_TARGET_SUBJECT = "bad_target_subject"
 
 
 class Rejection:
-    """Why a message cannot be routed: a short code (metric label) and a detail."""
+    """Why a message cannot be routed: a short code (metric label) and a detail.
 
-    __slots__ = ("detail", "reason")
+    ``asset`` and ``cluster`` are context for the log line where they are known (the
+    key was found; the message was routed and its cluster refused it); they take no
+    part in equality.
+    """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    __slots__ = ("asset", "cluster", "detail", "reason")
+
+    def __init__(
+        self, reason: str, detail: str, *, asset: str | None = None, cluster: str | None = None
+    ) -> None:
         self.reason = reason
         self.detail = detail
+        self.asset = asset
+        self.cluster = cluster
 
     def header(self) -> str:
         """The ``Forwarder-Error`` header value: code first, so tools can split on ':'."""
@@ -126,10 +135,21 @@ def key_problem(key: str) -> Rejection | None:
     if not key:
         return Rejection(EMPTY_KEY, "asset id is empty")
     if not _is_utf8(key):
-        return Rejection(KEY_NOT_UTF8, "asset id is not valid UTF-8")
+        return Rejection(KEY_NOT_UTF8, "asset id is not valid UTF-8", asset=shown_asset(key))
     if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        return Rejection(KEY_TOO_LONG, f"asset id is longer than {MAX_KEY_BYTES} bytes")
+        return Rejection(
+            KEY_TOO_LONG, f"asset id is longer than {MAX_KEY_BYTES} bytes", asset=shown_asset(key)
+        )
     return None
+
+
+SHOWN_ASSET_CHARS = 200
+
+
+def shown_asset(key: str) -> str:
+    """An asset id as a log line may show it: lone surrogates (undecodable bytes, or a JSON
+    ``\\udXXX`` escape) escaped, cut to a bounded length."""
+    return key[:SHOWN_ASSET_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_utf8(text: str) -> bool:
@@ -187,6 +207,25 @@ class Router(Generic[T]):
     def target(self, name: str) -> T:
         return self._targets[name]
 
+    def asset_of(self, subject: str, headers: Mapping[str, str] | None, payload: bytes) -> str | None:
+        """The asset id of a message, where it has one (no validation, no cache): for the
+        log line of a routed message that its cluster refused. Not for the hot path."""
+        key = self.settings.key
+        if key.kind == "subject_token":
+            tokens = subject.split(".")
+            return tokens[key.token] if key.token < len(tokens) else None
+        if key.kind == "header":
+            value = headers.get(key.header) if headers else None
+            return value.strip() if value is not None else None
+        if len(payload) > key.max_json_bytes:
+            return None
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        value = doc.get(key.field) if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
+
     # ---- per key mode
 
     def _route_subject(self, subject: str) -> tuple[T, str] | Rejection:
@@ -232,10 +271,14 @@ class Router(Generic[T]):
         try:
             target_subject = self._render(subject, asset)
         except IndexError as exc:
-            return Rejection(BAD_TARGET_SUBJECT, f"subject has no token {exc.args[0]} for the template")
+            return Rejection(
+                BAD_TARGET_SUBJECT,
+                f"subject has no token {exc.args[0]} for the template",
+                asset=shown_asset(asset),
+            )
         problem = subject_problem(target_subject)
         if problem is not None:
-            return Rejection(BAD_TARGET_SUBJECT, f"target subject has {problem}")
+            return Rejection(BAD_TARGET_SUBJECT, f"target subject has {problem}", asset=shown_asset(asset))
         name = self._cluster_of[asset]
         if self._previous_of is not None:
             old = self._previous_of[asset]

@@ -22,7 +22,7 @@ from . import __version__
 from .acking import AckingPipeline, DeadLetterLane, ParkLane
 from .cluster import NatsCluster
 from .config import Settings, redact_url
-from .http import HttpServer
+from .http import HttpServer, HttpThread
 from .live import ApplyError, Finish, TopologyManager
 from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
@@ -33,6 +33,11 @@ from .stats import ForwardingStats
 from .topology import Topology, cluster_settings
 
 HOUSEKEEPING_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 1.0
+# /healthz answers 503 when the event loop has not turned for this long: the HTTP
+# server runs on a thread of its own, so answering no longer proves that the
+# forwarding works.
+LOOP_STALL_SECONDS = 10.0
 STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before consuming anyway
 
 
@@ -60,6 +65,7 @@ class Server:
             dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
             park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
             self.pipeline = AckingPipeline(dead, self.stats, park)
+        self._dead_letters = dead_letters
         self.topology = Topology.from_settings(settings)
         self._clusters: dict[str, NatsCluster] = {}
         self._lanes: dict[str, Any] = {}  # JetStream source: the lane of each cluster
@@ -68,12 +74,13 @@ class Server:
         self._install(self.topology, self._new_clusters(self.topology, self.topology.clusters))
         self.live = TopologyManager(settings.topology, self) if settings.topology.kv_bucket else None
         self._metrics = Metrics(self)
-        self.http = HttpServer(settings.http.host, settings.http.port, self)
+        self.http = HttpThread(HttpServer(settings.http.host, settings.http.port, self))
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._switching = asyncio.Lock()
+        self.loop_heartbeat = time.monotonic()  # the event loop's last turn, for /healthz
 
-    # ---- what metrics and HTTP read
+    # ---- what metrics and HTTP read (from the HTTP thread: plain reads only)
 
     @property
     def source(self) -> CoreSource:
@@ -101,6 +108,12 @@ class Server:
     def metrics(self) -> bytes:
         return self._metrics.render()
 
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        silent = time.monotonic() - self.loop_heartbeat
+        if silent > LOOP_STALL_SECONDS:
+            return False, {"status": "stalled", "event_loop_silent_seconds": round(silent, 1)}
+        return True, {"status": "ok"}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         problems: dict[str, str] = {}
         if not self._source.subscribed:
@@ -122,13 +135,15 @@ class Server:
         return f"{state}: {last_error}" if last_error else state
 
     def route(self, asset: str) -> dict[str, Any]:
-        name = self.router.cluster_for(asset)
-        servers = self.topology.clusters[name].servers
+        # One snapshot of the topology (the HTTP thread may run during a switch), and its
+        # ring itself (pure, immutable), not the router's cache that the hot path fills.
+        topology = self.topology
+        name = topology.ring.cluster_for(asset)
         return {
             "asset": asset,
             "cluster": name,
-            "servers": [redact_url(u) for u in servers],
-            "topology_version": self.topology.version,
+            "servers": [redact_url(u) for u in topology.clusters[name].servers],
+            "topology_version": topology.version,
         }
 
     def clusters_state(self) -> dict[str, Any]:
@@ -174,6 +189,7 @@ class Server:
         self.router = Router(
             self.settings.routing, topology.ring, targets, previous=previous.ring if previous else None
         )
+        self._dead_letters.asset_of = self.router.asset_of
         if isinstance(self.pipeline, AckingPipeline):
             self.pipeline.use(self.router.route)
         else:
@@ -264,6 +280,7 @@ class Server:
             self._exit_event.set()
         if install_signals:
             self.install_signal_handlers()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat(), name="heartbeat"))
         try:
             await self.startup()
             await self.main_loop()
@@ -335,6 +352,11 @@ class Server:
         elif task.exception() is not None:
             raise task.exception()
 
+    async def _heartbeat(self) -> None:
+        while True:
+            self.loop_heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
     async def main_loop(self) -> None:
         assert self._exit_event is not None
         while not self.should_exit:
@@ -344,9 +366,11 @@ class Server:
                 await self.housekeeping()
 
     async def housekeeping(self) -> None:
-        """Once a second: notice a dead source read loop; report suppressed log lines."""
+        """Once a second: notice a dead source read loop; report suppressed log lines;
+        sample the process metrics."""
         await self._source.check()
         flush_rate_limited()
+        self._metrics.process.refresh()
 
     async def shutdown(self) -> None:
         """Stop consuming, finish in-flight messages, flush, drain-close everything."""
@@ -371,6 +395,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.close()
+        flush_rate_limited(force=True)  # what a flood suppressed in its last seconds
         self.log.info(
             "forwarder_stopped",
             received=self.stats.received,
