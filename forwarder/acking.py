@@ -303,6 +303,7 @@ class JetStreamLane(ClusterLane):
     async def _confirm(self, batch: list[Any]) -> None:
         _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
         accepted: list[Msg] = []
+        duplicates = 0
         for msg, subject, future in batch:
             if future in pending:
                 future.cancel()
@@ -312,8 +313,11 @@ class JetStreamLane(ClusterLane):
                 await self._pub_ack_failed(msg, subject, future.exception())
             else:
                 accepted.append(msg)
+                # A redelivery the stream already holds: acknowledged, counted apart.
+                duplicates += bool(future.result().duplicate)
         if accepted:
-            self.cluster.forwarded += len(accepted)
+            self.cluster.forwarded += len(accepted) - duplicates
+            self.cluster.duplicates += duplicates
             await self._accepted(accepted)
 
     async def _pub_ack_failed(self, msg: Msg, subject: str, exc: BaseException | None) -> None:
@@ -379,6 +383,7 @@ class AckingPipeline:
     """
 
     def __init__(self, dead: DeadLetterLane, stats: ForwardingStats, park: ParkLane | None = None) -> None:
+        self._confirm_timeout = dead.timeout  # core targets: a flush round trip within this
         self._route: RouteFn | None = None
         self._dead = dead
         self._stats = stats
@@ -394,7 +399,9 @@ class AckingPipeline:
     def new_lane(self, cluster: NatsCluster) -> ClusterLane:
         """A lane for ``cluster``, running if the pipeline runs."""
         kind = JetStreamLane if cluster.settings.jetstream is not None else ClusterLane
-        timeout = cluster.settings.jetstream.ack_timeout if cluster.settings.jetstream else 5.0
+        timeout = (
+            cluster.settings.jetstream.ack_timeout if cluster.settings.jetstream else self._confirm_timeout
+        )
         lane = kind(cluster, self._dead.acks, self._stats, self._dead, timeout)
         lane.park = self._park
         self._lanes.append(lane)

@@ -59,6 +59,7 @@ class NatsCluster:
         self.redeliveries = 0  # naks because of this cluster (JetStream source)
         self.parked = 0  # messages parked while this cluster was down (JetStream source)
         self.grace_publishes = 0  # copies of moved assets' messages sent here during a grace window
+        self.duplicates = 0  # JetStream target: publishes its stream had already (Nats-Msg-Id)
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._stream_known: dict[str, tuple[bool, float]] = {}  # subject -> (has a stream, checked at)
@@ -132,6 +133,7 @@ class NatsCluster:
             "publish_errors": self.publish_errors,
             "redeliveries": self.redeliveries,
             "parked": self.parked,
+            "duplicates": self.duplicates,
             "reconnects": self.stats.reconnects,
             "disconnects": self.stats.disconnects,
             "pending_bytes": self.pending_bytes,

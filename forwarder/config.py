@@ -122,6 +122,12 @@ class JetStreamSourceSettings:
     park_stream: str | None = "FORWARDER_PARKED"
     park_prefix: str = "forwarder.parked"
 
+    @property
+    def confirm_timeout(self) -> float:
+        """How long a batch may wait for its confirmation: well inside ack_wait, so that a
+        message is not redelivered while the first delivery is still being confirmed."""
+        return min(5.0, self.ack_wait / 2)
+
 
 @dataclass(frozen=True)
 class SourceSettings:
@@ -518,6 +524,19 @@ class _Loader:
         source = self.source(top.section("source", required=True))  # type: ignore[arg-type]
         routing = self.routing(top.section("routing") or _Section(self, {}, "routing"), source)
         clusters = self.clusters(top)
+        js = source.jetstream
+        for cluster in clusters:
+            if (
+                js is not None
+                and cluster.jetstream is not None
+                and cluster.jetstream.ack_timeout >= js.ack_wait
+            ):
+                raise ConfigError(
+                    self.shown,
+                    f"clusters.{cluster.name}.jetstream.ack_timeout",
+                    f"must be shorter than source.jetstream.ack_wait ({js.ack_wait:g}): a message would be "
+                    "redelivered while its PubAck is still awaited",
+                )
         if routing.hashing.algorithm == "openfactory":
             for cluster in clusters:
                 if cluster.weight_set:

@@ -33,6 +33,7 @@ class ClusterView(Protocol):
     redeliveries: int
     parked: int
     grace_publishes: int
+    duplicates: int
 
     @property
     def stats(self) -> Any: ...  # natsconn.ConnectionStats
@@ -127,6 +128,12 @@ class ForwarderCollector:
             "redeliveries",
             "Source messages negatively acknowledged for redelivery, by target cluster.",
             [((c.name,), c.redeliveries) for c in clusters],
+            "cluster",
+        )
+        yield _counter(
+            "duplicates",
+            "JetStream targets: redelivered messages the stream already held (dropped by Nats-Msg-Id).",
+            [((c.name,), c.duplicates) for c in clusters],
             "cluster",
         )
         yield _counter(

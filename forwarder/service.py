@@ -62,8 +62,9 @@ class Server:
             source = JetStreamSource(settings.source)
             self._source = source
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, source, self.stats)
-            dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
-            park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
+            timeout = source.js.confirm_timeout
+            dead = DeadLetterLane(dead_letters, source, self.stats, timeout=timeout)
+            park = ParkLane(source, self.stats, timeout=timeout) if source.parking else None
             self.pipeline = AckingPipeline(dead, self.stats, park)
         self._dead_letters = dead_letters
         self.topology = Topology.from_settings(settings)

@@ -31,6 +31,7 @@ class FakeCluster:
     redeliveries: int = 0
     parked: int = 0
     grace_publishes: int = 0
+    duplicates: int = 0
     stats: ConnectionStats = field(default_factory=lambda: ConnectionStats("?"))
     connected: bool = True
     pending_bytes: int = 0
@@ -89,7 +90,9 @@ def by(label: str, family: Any, suffix: str = "") -> dict[str, float]:
 
 @pytest.fixture
 def service() -> FakeService:
-    c1 = FakeCluster("C1", forwarded=700, publish_errors=3, redeliveries=5, parked=11, grace_publishes=4)
+    c1 = FakeCluster(
+        "C1", forwarded=700, publish_errors=3, redeliveries=5, parked=11, grace_publishes=4, duplicates=6
+    )
     c1.stats.reconnects, c1.stats.disconnects = 2, 3
     c1.stats.slow_consumer_events, c1.stats.slow_consumer_dropped = 1, 1
     c1.pending_bytes, c1.sub_pending = 4096, (7, 900)
@@ -126,6 +129,7 @@ def test_counters_carry_the_per_cluster_values(service):
         ("forwarder_redeliveries", "redeliveries"),
         ("forwarder_messages_parked", "parked"),
         ("forwarder_grace_publishes", "grace_publishes"),
+        ("forwarder_duplicates", "duplicates"),
     ]:
         assert by("cluster", fams[name], "_total") == {c.name: getattr(c, attr) for c in service.clusters}
     assert by("cluster", fams["forwarder_cluster_reconnects"], "_total") == {"C1": 2, "C2": 0}

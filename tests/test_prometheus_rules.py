@@ -41,6 +41,7 @@ COUNTERS = {
     "forwarder_cluster_reconnects_total",
     "forwarder_cluster_disconnects_total",
     "forwarder_messages_parked_total",
+    "forwarder_duplicates_total",
     "forwarder_dead_letter_failures_total",
     "forwarder_source_stalls_total",
     "forwarder_source_disconnects_total",
