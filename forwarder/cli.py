@@ -1,4 +1,4 @@
-"""``forwarder``: run, demo, route, check-config, produce.
+"""``forwarder``: run, demo, route, check-config, produce, watch.
 
 A thin layer: it maps options onto the config and hands over to the server, the
 demo or the ring. Exit codes: 0 success, 2 usage or config error (one line on
@@ -106,6 +106,12 @@ def route_stream(ring: CachedRing, lines: IO[bytes], out: IO[bytes]) -> int:
     return 1 if bad else 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .client import run_watch
+
+    return run_watch(_load(args, require_files=False), args.asset, args.subject)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -139,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("assets", nargs="*", metavar="ASSET")
     p.add_argument("--stdin", action="store_true", help="read asset ids from standard input, one a line")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("watch", help="print an asset's messages as they arrive, following moves")
+    with_config(p)
+    p.add_argument("asset", metavar="ASSET")
+    p.add_argument("--subject", default=None, help="subject to read (default: derived from the config)")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("demo", help="run the forwarder on embedded NATS servers with synthetic assets")
     p.add_argument("--config", default=None, help="demo config (default: config/demo.yaml)")
