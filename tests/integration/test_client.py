@@ -217,7 +217,7 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
             producer = asyncio.create_task(produce())
             await asyncio.sleep(0.5)
             await store.apply(new, stored.revision)
-            await asyncio.sleep(0.2)  # replicas switch a moment after the apply
+            await asyncio.sleep(0.3)  # replicas switch a moment after the apply (the client may be first)
             fwd.switch()
             await async_wait_until(lambda: client.topology == new, 5)
             await asyncio.sleep(grace + 1.0)  # past the grace window: new clusters only
@@ -239,7 +239,10 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
                 assert got.by_asset[asset][-1].cluster == new.cluster_for(asset)
             stats = client.stats()
             assert stats["moves_completed"] == len(moving)
-            assert stats["duplicates_dropped"] == fwd.double_published
+            # Each double publish whose two copies both reached the client cost one dropped copy (copies
+            # sent to the new cluster before the client subscribed there never reached it).
+            assert 0 < stats["duplicates_dropped"] <= fwd.double_published
+            assert stats["delivered"] == published
             assert stats["held_back"] == 0
             assert client.subscriptions() == {a: new.cluster_for(a) for a in wanted}
             assert client_connections(targets["C1"]) == []
@@ -404,17 +407,19 @@ def test_sync_client_slow_reader_drops_the_newest_and_counts_them(nats_servers, 
 
 SCRIPT_CTRL_C = """
 import sys
+import threading
+
 from forwarder.client_sync import SyncAssetClient
 
-with SyncAssetClient.from_config(sys.argv[1]) as client:
-    client.subscribe("pump-1")
-    print("listening", flush=True)
-    try:
+try:
+    with SyncAssetClient.from_config(sys.argv[1]) as client:
+        client.subscribe("pump-1")
+        print("listening", flush=True)
         for msg in client.listen():
             print(msg.data.decode(), flush=True)
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-        raise
+except KeyboardInterrupt:
+    print("interrupted, threads left:", threading.active_count() - 1, flush=True)
+    raise
 """
 
 
@@ -445,10 +450,10 @@ def test_sync_client_ctrl_c_in_the_callers_thread_closes_cleanly(nats_servers, t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert out.strip() == "interrupted"
+    assert out.strip() == "interrupted, threads left: 0"  # the with block closed it: loop thread joined
     assert "KeyboardInterrupt" in err
     assert proc.returncode != 0
-    assert client_connections(target) == []
+    wait_until(lambda: client_connections(target) == [], 5)
 
 
 # --------------------------------------------------------------------------- forwarder watch
