@@ -284,6 +284,8 @@ class _Events:
         self.errors = 0
         self.slow_consumer_dropped = 0
         self.last_error: str | None = None
+        self.first_connect = True  # failed attempts then end in one AssetClientError, not a log line each
+        self.closing = False  # our own close: its disconnect is no event
         self._last_slow_log = 0.0
 
     async def error(self, exc: Exception) -> None:
@@ -296,10 +298,12 @@ class _Events:
             return
         self.errors += 1
         self.last_error = describe_error(exc)
-        log.warning("%s: %s", self.label, self.last_error)
+        log.log(
+            logging.DEBUG if self.first_connect else logging.WARNING, "%s: %s", self.label, self.last_error
+        )
 
     async def disconnected(self) -> None:
-        if self.connected:
+        if self.connected and not self.closing:
             self.disconnects += 1
             log.warning("%s: disconnected", self.label)
         self.connected = False
@@ -349,6 +353,8 @@ class _Conn:
         self.lanes: set[_Lane] = set()
         self.closing = False
         self._lock = asyncio.Lock()
+        self._failure: str | None = None
+        self._failed_at = 0.0
 
     async def client(self) -> Client:
         async with self._lock:
@@ -356,6 +362,8 @@ class _Conn:
                 raise AssetClientError(f"{self.label}: the connection is closing")
             if self.nc is not None:
                 return self.nc
+            if self._failure is not None and time.monotonic() - self._failed_at < _RETRY_DELAY:
+                raise AssetClientError(self._failure)  # the callers queued behind a failed attempt
             nc = Client()
             self.events.client = nc
             options = {
@@ -372,8 +380,12 @@ class _Conn:
                     await nc.close()
                 reason = self.events.last_error or describe_error(exc)
                 servers = ", ".join(redact_url(u) for u in self.settings.servers)
-                raise AssetClientError(f"{self.label}: cannot connect to {servers}: {reason}") from None
+                self._failure = f"{self.label}: cannot connect to {servers}: {reason}"
+                self._failed_at = time.monotonic()
+                raise AssetClientError(self._failure) from None
             self.nc = nc
+            self._failure = None
+            self.events.first_connect = False
             self.events.connected = True
             log.info("%s: connected", self.label)
             return nc
@@ -381,6 +393,7 @@ class _Conn:
     async def close(self) -> None:
         async with self._lock:
             self.closing = True
+            self.events.closing = True
             nc, self.nc = self.nc, None
         if nc is None or nc.is_closed:
             return
@@ -499,6 +512,7 @@ class AssetClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._seq = itertools.count()
+        self._unreachable_logged: dict[str, float] = {}
         self._started = False
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -719,7 +733,7 @@ class AssetClient:
             st.closed = True
             await self._drop_lanes(st)
             raise
-        log.info("subscribed to %s on %s (%s)", asset, cluster, subject)
+        log.debug("subscribed to %s on %s (%s)", asset, cluster, subject)
         return subject
 
     async def unsubscribe(self, asset: str) -> bool:
@@ -838,8 +852,9 @@ class AssetClient:
             if name is not None:
                 del self._conns[name]
             conn.closing = True
+            was_open = conn.nc is not None
         await conn.close()
-        if name is not None:
+        if name is not None and was_open:
             log.info("closed the connection to %s: no subscription needs it", name)
 
     async def _drop_lanes(self, st: _Asset) -> None:
@@ -919,8 +934,12 @@ class AssetClient:
                     assert lane.conn.nc is not None
                     await lane.conn.nc.flush()
                 except (AssetClientError, TimeoutError, nats.errors.Error, OSError) as exc:
-                    st.retry_at = time.monotonic() + _RETRY_DELAY
-                    log.warning("%s: cannot subscribe on %s yet (%s): retrying", st.asset, target, exc)
+                    now = time.monotonic()
+                    st.retry_at = now + _RETRY_DELAY
+                    if now - self._unreachable_logged.get(target, -60.0) >= 30.0:  # once per 30 s a cluster
+                        self._unreachable_logged[target] = now
+                        log.warning("cannot follow assets to %s yet (%s): retrying every %gs",
+                                    target, exc, _RETRY_DELAY)  # fmt: skip
                     self._wake.set()
                     return
                 self.counters["moves_started"] += 1

@@ -109,8 +109,9 @@ async def test_100_assets_receive_exactly_their_messages_through_a_forwarder(thr
         assert stats["duplicates_dropped"] == 0
         for name in needed:
             assert len(client_connections(targets[name])) == 1, name
+    # The servers see the closed sockets a moment later: poll /connz, with a deadline.
     for target in targets.values():
-        assert client_connections(target) == []
+        await async_wait_until(lambda t=target: client_connections(t) == [], 5)
 
 
 async def test_from_forwarder_url_looks_up_routes_and_reads_there(three, forwarder, tmp_path):
@@ -252,6 +253,59 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
         await close_all([*conns.values(), admin])
 
 
+async def test_a_new_cluster_not_reachable_yet_is_retried_while_the_old_one_delivers(nats_servers, tmp_path):
+    source = nats_servers.server(name="source", jetstream=True)
+    targets = {name: nats_servers.server(name=name.lower()) for name in ("C1", "C2")}
+    late = nats_servers.server(name="c3")
+    late.stop()  # the topology names it before it runs
+    config = write_config(
+        tmp_path / "f.yaml", source.url, {"C1": urls(targets["C1"]), "C2": urls(targets["C2"])},
+        topology={"kv_bucket": "topo", "grace": 0.5, "poll_interval": 1},
+    )  # fmt: skip
+    old = Topology.from_settings(load_config(config))
+    new = Topology.from_mapping(
+        {
+            **old.to_mapping(),
+            "version": 2,
+            "clusters": {**old.to_mapping()["clusters"], "C3": {"servers": [late.url]}},
+        }
+    )
+    wanted = assets(30)
+    moving = [a for a in wanted if new.cluster_for(a) == "C3"]
+    assert moving
+    admin = await nats_py.connect(source.url)
+    conns = await connect_all(targets)
+    got = Received()
+    try:
+        store = TopologyStore(admin, "topo")
+        await store.bootstrap(old)
+        async with AssetClient.from_config(config, move_margin=0.5, connect_wait=1.0) as client:
+            for asset in wanted:
+                await client.subscribe(asset, cb=got)
+            stored = await store.read()
+            assert stored is not None
+            await store.apply(new, stored.revision)
+            await async_wait_until(lambda: client.topology == new, 5)
+            await asyncio.sleep(1.5)  # a few failed attempts on C3
+            assert client.stats()["moves_started"] == 0
+            for asset in moving:  # the old cluster still delivers (the forwarder keeps the old routing too)
+                await conns[old.cluster_for(asset)].publish(f"assets.{asset}.value", b"before")
+                await conns[old.cluster_for(asset)].flush()
+            await async_wait_until(lambda: all(got.payloads(a) == ["before"] for a in moving), 5)
+
+            late.start()
+            await async_wait_until(lambda: client.stats()["moves_completed"] == len(moving), 15)
+            assert client.subscriptions() == {a: new.cluster_for(a) for a in wanted}
+            c3 = await nats_py.connect(late.url)
+            for asset in moving:
+                await c3.publish(f"assets.{asset}.value", b"after")
+            await c3.close()
+            await async_wait_until(lambda: all(got.payloads(a) == ["before", "after"] for a in moving), 5)
+            assert len(client_connections(late)) == 1
+    finally:
+        await close_all([*conns.values(), admin])
+
+
 def _has_topology_cli() -> bool:
     import argparse
 
@@ -371,8 +425,8 @@ def test_sync_client_subscribe_listen_publish_close_leaves_no_thread_or_connecti
         assert len(client_connections(source)) == 1  # publish() opened the source connection
     assert client.closed
     assert _threads() == before
-    for target in [source, *targets.values()]:
-        assert client_connections(target) == []
+    for target in [source, *targets.values()]:  # the servers see the closed sockets a moment later
+        wait_until(lambda t=target: client_connections(t) == [], 5, message=f"{target} still has a client")
     with pytest.raises(AssetClientError, match="closed"):
         client.subscribe("pump-7")
 
