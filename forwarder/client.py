@@ -412,7 +412,9 @@ class _Conn:
 class _Lane:
     """An asset's subscription on one cluster. An asset's first lane is its primary."""
 
-    __slots__ = ("cluster", "conn", "draining", "held", "overflowed", "primary", "retire_at", "sub")
+    __slots__ = (
+        "cluster", "conn", "draining", "held", "last_plain_at", "overflowed", "primary", "retire_at", "sub",
+    )  # fmt: skip
 
     def __init__(self, cluster: str, conn: _Conn, *, primary: bool) -> None:
         self.cluster = cluster
@@ -423,6 +425,7 @@ class _Lane:
         self.retire_at: float | None = None
         self.draining = False
         self.overflowed = False
+        self.last_plain_at = 0.0  # retiring lanes: when a message without a grace id last arrived
 
 
 class _Asset:
@@ -522,6 +525,7 @@ class AssetClient:
                 "filtered_out",
                 "moves_started",
                 "moves_completed",
+                "retirements_postponed",
                 "held_back_overflows",
                 "callback_errors",
                 "topology_changes",
@@ -769,6 +773,8 @@ class AssetClient:
                 return
             headers = msg.headers
             gid = headers.get(GRACE_ID_HEADER) if headers else None
+            if gid is None and lane.retire_at is not None:
+                lane.last_plain_at = time.monotonic()
             if lane.primary or lane.overflowed:
                 await self._deliver(st, lane.cluster, msg, gid)
                 return
@@ -930,9 +936,13 @@ class AssetClient:
             else:
                 try:
                     lane = await self._open_lane(st, target, primary=not st.lanes)
+                    try:
+                        assert lane.conn.nc is not None
+                        await lane.conn.nc.flush()  # the server has the subscription before the window starts
+                    except BaseException:
+                        await self._end_lane(lane, drain=False)
+                        raise
                     st.lanes.append(lane)
-                    assert lane.conn.nc is not None
-                    await lane.conn.nc.flush()
                 except (AssetClientError, TimeoutError, nats.errors.Error, OSError) as exc:
                     now = time.monotonic()
                     st.retry_at = now + _RETRY_DELAY
@@ -959,6 +969,17 @@ class AssetClient:
                 due = next((ln for ln in st.lanes if ln.retire_at is not None and ln.retire_at <= now), None)
                 if due is None:
                     return
+                assert due.retire_at is not None
+                if due.last_plain_at > due.retire_at - self.grace:
+                    # Messages the forwarder did not double-publish still arrive here after the
+                    # margin: a replica is still on the old routing (it may have failed to apply the
+                    # new version). Leaving now would lose its messages: wait another window.
+                    due.retire_at = now + self.window
+                    self.counters["retirements_postponed"] += 1
+                    log.warning("%s: %s still gets messages routed by the old topology: kept %gs more",
+                                st.asset, due.cluster, self.window)  # fmt: skip
+                    self._wake.set()
+                    continue
                 was_primary = due is st.lanes[0]
                 due.draining = True
                 await self._end_lane(due, drain=True)  # a primary delivers what it already received

@@ -170,7 +170,15 @@ async def test_cluster_auth_comes_from_the_config_block_by_cluster_name(nats_ser
 # --------------------------------------------------------------------------- following moves
 
 
-async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_servers, tmp_path):
+@pytest.mark.parametrize(
+    "switch_after",
+    [
+        pytest.param(0.3, id="forwarder-switches-with-the-client"),
+        # Later than the client's window (grace + margin): a replica that failed to apply at first.
+        pytest.param(4.0, id="forwarder-switches-late"),
+    ],
+)
+async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_servers, tmp_path, switch_after):
     """The forwarder's side is simulated: before the switch every message goes to the old cluster;
     for ``grace`` seconds after it, a moved asset's messages go to both clusters with the same
     Forwarder-Grace-Id; then to the new cluster only. The topology change is real (a KV bucket)."""
@@ -195,7 +203,9 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
     stored, wrote = await store.bootstrap(old)
     assert wrote
     conns = await connect_all(targets)
-    fwd = SimulatedForwarder(old, new, conns, grace)
+    # The path to C1 (which every asset leaves) is slow: a copy there arrives ~0.1 s after later
+    # messages sent to C2 and C3, so "deliver whichever copy comes first" would reorder messages.
+    fwd = SimulatedForwarder(old, new, conns, grace, lag={"C1": 0.1})
     got = Received()
     try:
         async with AssetClient.from_config(config, move_margin=1.0) as client:
@@ -218,9 +228,9 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
             producer = asyncio.create_task(produce())
             await asyncio.sleep(0.5)
             await store.apply(new, stored.revision)
-            await asyncio.sleep(0.3)  # replicas switch a moment after the apply (the client may be first)
-            fwd.switch()
             await async_wait_until(lambda: client.topology == new, 5)
+            await asyncio.sleep(switch_after)  # replicas switch a moment after the apply
+            fwd.switch()
             await asyncio.sleep(grace + 1.0)  # past the grace window: new clusters only
             stop.set()
             await producer
@@ -245,11 +255,16 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
             assert 0 < stats["duplicates_dropped"] <= fwd.double_published
             assert stats["delivered"] == published
             assert stats["held_back"] == 0
+            if switch_after > client.window:
+                assert stats["retirements_postponed"] >= len(
+                    moving
+                )  # the old cluster was kept until the switch
             assert client.subscriptions() == {a: new.cluster_for(a) for a in wanted}
             assert client_connections(targets["C1"]) == []
             assert len(client_connections(targets["C2"])) == 1
             assert len(client_connections(targets["C3"])) == 1
     finally:
+        await fwd.close()
         await close_all([*conns.values(), admin])
 
 
