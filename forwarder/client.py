@@ -39,14 +39,17 @@ forwarder published to both clusters carries the same ``Forwarder-Grace-Id`` hea
 both copies: the first copy delivered wins, its twin is dropped (a held-back twin is
 removed as soon as the primary delivers its copy). When the old subscription retires it
 is drained (what it already received is delivered), then what the new one held back is
-delivered in order, and the new one becomes the primary. So per asset: every message
-once, in the forwarder's order, with no gap, as long as every replica switched within
-the window. The price: messages that only the new cluster gets (after the forwarder's
-grace window) wait up to ``move_margin`` seconds. Grace ids are remembered in one set
-per client, bounded by age (``2 * (grace + move_margin)`` seconds) and by count
-(``max_grace_ids``, oldest dropped first), so memory stays bounded however long the client
-runs. A lane holding back more than ``max_held_back`` messages stops holding back and
-delivers directly (no loss, no duplicate; the order may then break; counted).
+delivered in order, and the new one becomes the primary. An old subscription that
+still gets messages without a grace id after the margin means a replica still routes by
+the old topology (one that failed to apply the new version): it is kept another window,
+and again, until they stop. So per asset: every message once, in the forwarder's order,
+with no gap, however late the replicas switch. The price: messages that only the new
+cluster gets (after the forwarder's grace window) wait up to ``move_margin`` seconds.
+Grace ids are remembered in one set per client, bounded by age (``2 * (grace +
+move_margin)`` seconds) and by count (``max_grace_ids``, oldest dropped first), so memory
+stays bounded however long the client runs. A lane holding back more than
+``max_held_back`` messages stops holding back and delivers directly (no loss, no
+duplicate; the order may then break; counted).
 """
 
 from __future__ import annotations
