@@ -1,4 +1,4 @@
-"""``forwarder``: run, demo, route, check-config, produce.
+"""``forwarder``: run, demo, route, check-config, produce, watch.
 
 A thin layer: it maps options onto the config and hands over to the server, the
 demo or the ring. Exit codes: 0 success, 2 usage or config error (one line on
@@ -276,6 +276,12 @@ def _read_assets(path: str) -> list[str]:
         _fail(f"{path}: cannot read the file ({exc.strerror or exc})")
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .client import run_watch
+
+    return run_watch(_load(args, require_files=False), args.asset, args.subject)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -330,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("new", metavar="NEW.yaml", help="the new topology (or a forwarder config)")
     t.set_defaults(func=cmd_topology_apply)
+    p = sub.add_parser("watch", help="print an asset's messages as they arrive, following moves")
+    with_config(p)
+    p.add_argument("asset", metavar="ASSET")
+    p.add_argument("--subject", default=None, help="subject to read (default: derived from the config)")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("demo", help="run the forwarder on embedded NATS servers with synthetic assets")
     p.add_argument("--config", default=None, help="demo config (default: config/demo.yaml)")

@@ -907,8 +907,18 @@ def load_config(
     lists them. ``run`` requires them and names the first missing one.
     """
     shown = os.fspath(path)
-    env = os.environ if env is None else env
     doc = _read_yaml(Path(shown), shown)
+    return load_config_mapping(doc, shown, env, require_files=require_files)
+
+
+def load_config_mapping(
+    doc: Any, shown: str, env: Mapping[str, str] | None = None, *, require_files: bool = True
+) -> Settings:
+    """Validate a config document that is already parsed (``shown`` names it in errors).
+
+    The asset client builds one from environment variables; ``load_config`` reads a file.
+    """
+    env = os.environ if env is None else env
     if not isinstance(doc, dict):
         raise ConfigError(shown, "", f"the document must be a mapping of sections, got {_type_name(doc)}")
     settings = _Loader(shown, env).settings(doc)

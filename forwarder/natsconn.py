@@ -9,12 +9,15 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 
 from .config import ConnectionSettings, TlsSettings, connection_secrets, redact_url
-from .logs import RateLimitedLogger, get_logger, redactor
+from .redact import redactor
+
+# ``forwarder.logs`` (structlog) is imported by ``ConnectionEvents`` only, when the service
+# makes one: the asset client uses ``connect_options`` with nats-py and pyyaml alone.
 
 
 @dataclass
@@ -97,6 +100,8 @@ class ConnectionEvents:
     """nats-py callbacks that log each event once, with the connection's label, and count it."""
 
     def __init__(self, stats: ConnectionStats, *, kind: str) -> None:
+        from .logs import RateLimitedLogger, get_logger
+
         self.stats = stats
         self.log = get_logger(**{kind: stats.label})
         self.limited = RateLimitedLogger(self.log)
@@ -155,7 +160,13 @@ def _printable(subject: Any) -> str:
     return text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:200]
 
 
-def connect_options(conn: ConnectionSettings, events: ConnectionEvents) -> dict[str, Any]:
+class EventCallbacks(Protocol):
+    """What ``connect_options`` needs from an event handler (``ConnectionEvents`` or the client's)."""
+
+    def callbacks(self) -> dict[str, Any]: ...
+
+
+def connect_options(conn: ConnectionSettings, events: EventCallbacks) -> dict[str, Any]:
     """Keyword arguments for ``nats.aio.client.Client.connect``."""
     opts: dict[str, Any] = {
         "servers": list(conn.servers),
