@@ -40,8 +40,8 @@ from nats.js.api import PubAck
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
-from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn
-from .router import Rejection
+from .pipeline import TOO_LARGE, DeadLetters, RouteFn
+from .router import Rejection, bad_headers
 from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
 
@@ -243,7 +243,7 @@ class ClusterLane(Lane):
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
             await self.dead.submit(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self.dead.submit(msg, bad_headers(msg.headers))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError | TimeoutError):
             self.cluster.publish_errors += 1
             await self._retry_later(msg, f"publish failed: {type(exc).__name__}")

@@ -18,9 +18,10 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
+from .config import HEADER_NAME_RE
 from .logs import RateLimitedLogger, get_logger
 from .natsconn import header_block_size
-from .router import Rejection
+from .router import MalformedHeaders, Rejection, bad_headers
 from .stats import ForwardingStats
 
 ERROR_HEADER = "Forwarder-Error"
@@ -28,7 +29,6 @@ SUBJECT_HEADER = "Forwarder-Subject"
 TRUNCATED_HEADER = "Forwarder-Truncated"
 
 TOO_LARGE = "too_large"  # a dead-letter reason: the target's max_payload is smaller
-BAD_HEADERS = "bad_headers"  # a dead-letter reason: headers the target protocol cannot carry
 
 # (subject, headers, payload) -> (target, target subject) or why not; see router.Router.route
 RouteFn = Callable[[str, Mapping[str, str] | None, bytes], "tuple[Any, str] | Rejection"]
@@ -48,6 +48,13 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def publishable_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """The headers a dead letter can carry: those whose names nats-py will publish."""
+    if not headers or isinstance(headers, MalformedHeaders):
+        return {}
+    return {k: v for k, v in headers.items() if HEADER_NAME_RE.match(k)}
+
+
 class DeadLetters:
     """Publishes unroutable messages to the dead-letter subject, with the reason."""
 
@@ -60,7 +67,7 @@ class DeadLetters:
     def build(self, msg: Msg, rejection: Rejection) -> tuple[bytes, dict[str, str]]:
         """The payload and headers of the dead letter, cut to fit the source's max_payload."""
         original = printable(msg.subject)
-        headers: dict[str, str] = dict(msg.headers or {})
+        headers = publishable_headers(msg.headers)
         headers[ERROR_HEADER] = rejection.header()[:512]
         headers[SUBJECT_HEADER] = original[:1024]
         payload = msg.data
@@ -130,7 +137,7 @@ class CorePipeline:
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
             await self._dead_letters.send(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self._dead_letters.send(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self._dead_letters.send(msg, bad_headers(msg.headers))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError):
             # At-most-once: a cluster that cannot take the message now loses it, counted.
             cluster.publish_errors += 1
