@@ -11,6 +11,7 @@ import base64
 import contextlib
 import re
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,15 @@ from typing import Any, TypeVar
 
 import nats.errors
 import nkeys
-from nats.aio.client import Client
+from nats.aio.client import DEFAULT_BUFFER_SIZE, Client
+from nats.aio.transport import TcpTransport
 from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 from .config import ConnectionSettings, TlsSettings, connection_secrets, redact_url
 from .logs import RateLimitedLogger, get_logger, redactor
 
 MAX_CREDENTIALS_BYTES = 64 * 1024
+ATTENTION_STICKS = 10.0  # seconds an auth/TLS error outranks the connection errors that follow it
 CONNECT_RETRY_MAX = 30.0  # seconds: the longest pause between connect rounds that failed outright
 
 
@@ -188,12 +191,14 @@ class ConnectionEvents:
         self.log = get_logger(**{kind: stats.label})
         self.limited = RateLimitedLogger(self.log)
         self.client: Any = None  # set once the nats-py client exists
+        self._attention_until = 0.0  # an auth/TLS error is the reason shown until then (or a connect)
 
     def _server(self) -> str | None:
         url = getattr(self.client, "connected_url", None)
         return redact_url(url.geturl()) if url is not None else None
 
     async def on_connected(self) -> None:
+        self._attention_until = 0.0
         self.stats.connected = True
         self.stats.ever_connected = True
         self.stats.connected_url = self._server()
@@ -206,6 +211,7 @@ class ConnectionEvents:
         self.stats.connected = False
 
     async def reconnected(self) -> None:
+        self._attention_until = 0.0
         self.stats.reconnects += 1
         self.stats.connected = True
         self.stats.connected_url = self._server()
@@ -223,14 +229,27 @@ class ConnectionEvents:
             self.limited.warning("slow_consumer", "slow", subject=_printable(exc.subject))
             return
         self.stats.errors += 1
-        self.stats.last_error = describe_error(exc)
+        text = self._record(exc)
         level = "error" if needs_attention(exc) else "warning"
-        self.limited.log(level, "connection_error", type(exc).__name__, error=self.stats.last_error)
+        self.limited.log(level, "connection_error", type(exc).__name__, error=text)
+
+    def _record(self, exc: BaseException) -> str:
+        """Set ``last_error``, except that the reset which follows a refused login does not hide
+        the refusal: an auth or TLS error stays the reason for a while (or until connected)."""
+        text = describe_error(exc)
+        now = time.monotonic()
+        if needs_attention(exc):
+            self._attention_until = now + ATTENTION_STICKS
+        elif now < self._attention_until and self.stats.last_error is not None:
+            return text
+        self.stats.last_error = text
+        return text
 
     def connect_failed(self, exc: BaseException, retry_in: float) -> None:
         """A connect round that nats-py gave up on (or that could not start): said, then retried."""
         self.stats.errors += 1
         self.stats.last_error = describe_error(exc)
+        self._attention_until = time.monotonic() + ATTENTION_STICKS
         self.limited.error(
             "connect_failed", type(exc).__name__, error=self.stats.last_error, retry_in=round(retry_in, 1)
         )
@@ -291,17 +310,59 @@ def connect_options(conn: ConnectionSettings, events: ConnectionEvents) -> dict[
     return opts
 
 
-class ResilientClient(Client):
-    """nats-py's client, which keeps reconnecting after an error the server sent.
+class SafeTcpTransport(TcpTransport):
+    """nats-py's TCP transport, whose close cannot hang after a failed TLS upgrade.
 
-    nats-py closes the client for good on any ``-ERR`` other than a permissions violation
-    or a stale connection: 'Authorization Violation', 'User Authentication Expired' (a JWT
-    that expired while connected), 'Maximum Connections Exceeded'... A closed client never
-    reconnects, so the forwarder would stop talking to that server until restarted, even
-    after the credentials were renewed. Here the error is reported through ``error_cb`` and
-    handled like a lost connection: nats-py's reconnect loop takes over, with its
-    ``reconnect_time_wait`` and ``max_reconnect_attempts``.
+    When the TLS handshake fails (an untrusted certificate, a name that does not match),
+    asyncio has already moved the socket to the TLS protocol, so the plain stream's
+    ``wait_closed()`` never completes. nats-py's connect loop awaits it before the next
+    attempt: after the first certificate error it stopped retrying, for good and silently.
     """
+
+    _tls_failed = False
+
+    async def connect(self, uri: Any, buffer_size: int, connect_timeout: int) -> None:
+        self._tls_failed = False
+        await super().connect(uri, buffer_size, connect_timeout)
+
+    async def connect_tls(self, uri: Any, ssl_context: Any, buffer_size: int, connect_timeout: int) -> None:
+        try:
+            await super().connect_tls(uri, ssl_context, buffer_size, connect_timeout)
+        except BaseException:
+            self._tls_failed = True
+            raise
+
+    async def wait_closed(self) -> None:
+        if not self._tls_failed:  # else the socket is closed already and nothing would wake us
+            await super().wait_closed()  # type: ignore[no-untyped-call]
+
+
+class ResilientClient(Client):
+    """nats-py's client, which keeps retrying whatever goes wrong (docs/upstream-nats-py.md).
+
+    - Its TCP transport is ``SafeTcpTransport``: a certificate error no longer ends the
+      connect loop.
+    - An ``-ERR`` from the server while connected: nats-py closes the client for good on
+      any other than a permissions violation or a stale connection ('Authorization
+      Violation', 'User Authentication Expired' for a JWT that expired while connected,
+      'Maximum Connections Exceeded'...). A closed client never reconnects, so the
+      forwarder would stop talking to that server until restarted, even after the
+      credentials were renewed. Here the error is reported through ``error_cb`` and handled
+      like a lost connection: nats-py's reconnect loop takes over, with its
+      ``reconnect_time_wait`` and ``max_reconnect_attempts``.
+    """
+
+    async def _connect_to_server(self, s: Any) -> None:
+        if s.uri.scheme in ("ws", "wss"):
+            await super()._connect_to_server(s)
+            return
+        # nats-py's own code for a TCP server, with SafeTcpTransport in place of TcpTransport.
+        if not isinstance(self._transport, SafeTcpTransport):
+            self._transport = SafeTcpTransport()  # type: ignore[no-untyped-call]
+        s.last_attempt = time.monotonic()
+        await self._transport.connect(
+            s.uri, buffer_size=DEFAULT_BUFFER_SIZE, connect_timeout=self.options["connect_timeout"]
+        )
 
     async def _process_err(self, err_msg: str) -> None:
         if STALE_CONNECTION in err_msg or PERMISSIONS_ERR in err_msg or not self.options["allow_reconnect"]:
