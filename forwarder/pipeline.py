@@ -77,8 +77,9 @@ class DeadLetters:
             if header_block_size(headers | truncated_note) > limit // 2:
                 # The original headers alone crowd the limit: keep only ours.
                 headers = {ERROR_HEADER: headers[ERROR_HEADER], SUBJECT_HEADER: headers[SUBJECT_HEADER]}
-            headers |= truncated_note
-            payload = payload[: max(0, limit - header_block_size(headers))]
+            if header_block_size(headers) + len(payload) > limit:  # still too big: cut the payload
+                headers |= truncated_note
+                payload = payload[: max(0, limit - header_block_size(headers))]
         return payload, headers
 
     async def send(self, msg: Msg, rejection: Rejection) -> bool:

@@ -80,19 +80,22 @@ class SourceClient(ResilientClient):
 
         nats-py raises inside the read loop (which then ends silently) on a block shorter
         than ``NATS/1.0`` plus one byte and on a status line that is not UTF-8; it drops
-        lines that are not ``Name: value``, keeps one value of a repeated name and turns
-        bytes that are not UTF-8 into U+FFFD. A message that would not be forwarded as it
-        came gets ``MalformedHeaders``, which dead-letters it with the reason. Messages
+        lines that are not ``Name: value``, keeps one value of a repeated name, turns bytes
+        that are not UTF-8 into U+FFFD and a status line into a ``Status`` header. A message
+        that would not be forwarded as it came gets ``MalformedHeaders``, which
+        dead-letters it with the reason (values are trimmed, as NATS clients do). Messages
         without headers return at once, as in nats-py; well-formed ones pay a few byte counts.
         """
         if not headers:
             return None
         if not headers.startswith(b"NATS/1.0\r\n"):
-            if headers[8:9] == b" ":  # an inline status (JetStream control messages): nats-py's own
+            if headers.startswith(b"NATS/1.0 100 "):  # JetStream heartbeat, flow control: nats-py's own
                 try:
                     return await super()._process_headers(headers)
                 except Exception:
                     return MalformedHeaders("header status line is malformed")
+            if headers[8:9] == b" ":  # a status line from a producer would be forwarded as a header
+                return MalformedHeaders("header block has a status line")
             return MalformedHeaders("header block does not begin with a NATS/1.0 line")
         # What nats-py does here for a block without a status line, minus a coroutine call.
         parsed = self._parse_header_lines(headers[10:])

@@ -405,9 +405,18 @@ class RawSubscriber:
     not share nats-py's parser, so a message nats-py cannot handle is still counted here.
     """
 
-    def __init__(self, port: int, subjects: Iterable[str], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        subjects: Iterable[str],
+        host: str = "127.0.0.1",
+        key: Callable[[bytes], bytes] = lambda subject: subject.split(b".", 1)[0],
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         self.messages: list[RawMessage] = []
+        self._key = key  # messages are also counted by key(subject), and the last one kept
+        self.counts: dict[bytes, int] = {}
+        self.last: dict[bytes, RawMessage] = {}
         self._lock = threading.Lock()
         self._pong = threading.Event()
         self._closed = False
@@ -460,14 +469,25 @@ class RawSubscriber:
                 body = bytes(buf[end + 2 : end + 2 + total])
                 del buf[: end + 2 + total + 2]
                 msg = RawMessage(subject, reply, body[:hsize] if parts[0] == b"HMSG" else None, body[hsize:])
+                key = self._key(subject)
                 with self._lock:
                     self.messages.append(msg)
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                    self.last[key] = msg
                 continue
             del buf[: end + 2]
             if line == b"PING":
                 self.sock.sendall(b"PONG\r\n")
             elif line == b"PONG":
                 self._pong.set()
+
+    def count_key(self, key: bytes) -> int:
+        with self._lock:
+            return self.counts.get(key, 0)
+
+    def last_of(self, key: bytes) -> RawMessage | None:
+        with self._lock:
+            return self.last.get(key)
 
     def count(self, predicate: Callable[[RawMessage], bool] | None = None) -> int:
         with self._lock:
