@@ -65,6 +65,12 @@ def read_secret_file(path: str) -> str:
     return value
 
 
+def secret_file(path: str) -> Callable[[], str]:
+    """nats-py's password or token callback for a file: read (and checked) now and at each connect."""
+    read_secret_file(path)
+    return lambda: read_secret_file(path)
+
+
 class CredentialsError(nats.errors.Error):
     """A credentials or seed file that cannot be used. A ``nats.errors.Error``, so that
     nats-py's connect and reconnect loops count it as a failed attempt and retry (a
@@ -287,16 +293,16 @@ def connect_options(conn: ConnectionSettings, events: ConnectionEvents) -> dict[
     redactor.add(*connection_secrets(conn))
     auth = conn.auth
     if auth is not None:
+        # A password or token file is read now (an unreadable one fails this attempt, named) and
+        # again at every reconnect, so a rotated Kubernetes Secret is used without a restart.
         if auth.user is not None:
             opts["user"] = auth.user
             opts["password"] = (
-                auth.password.reveal()
-                if auth.password is not None
-                else read_secret_file(auth.password_file or "")
+                auth.password.reveal() if auth.password is not None else secret_file(auth.password_file or "")
             )
         elif auth.token is not None or auth.token_file is not None:
             opts["token"] = (
-                auth.token.reveal() if auth.token is not None else read_secret_file(auth.token_file or "")
+                auth.token.reveal() if auth.token is not None else secret_file(auth.token_file or "")
             )
         elif auth.nkeys_seed is not None:
             # Read and checked here: nats-py would raise a bare nkeys error out of connect().

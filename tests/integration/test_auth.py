@@ -389,3 +389,24 @@ async def test_a_jwt_that_expires_while_connected_is_retried_until_renewed(nats_
     text = fwd.log_text()
     for secret in (user_jwt, key.seed, fresh_jwt, fresh_key.seed):
         assert secret not in text
+
+
+async def test_a_rotated_password_file_is_used_on_reconnect(nats_servers, forwarder, tmp_path):
+    """A Kubernetes Secret mounted as a file changes: the next reconnect reads the new password."""
+    old, new = "old-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
+    target = nats_servers.server(name="c1", extra_config=user_password_config("fwd", old))
+    source = nats_servers.server(name="source")
+    password_file = write_secret(tmp_path / "password", old + "\n")
+    clusters = {
+        "C1": {"servers": [target.url], "auth": {"user": "fwd", "password_file": str(password_file)},
+               "reconnect_time_wait": 0.3},
+    }  # fmt: skip
+    fwd = forwarder(write_config(tmp_path / "f.yaml", source.url, clusters)).wait_ready()
+    reload_server(target, user_password_config("fwd", new))  # the server drops the old login
+    wait_until(lambda: "C1" in not_ready(fwd), 15, message=fwd.log_tail)
+    write_secret(password_file, new + "\n")
+    fwd.wait_ready(timeout=15)
+    assert fwd.json("/clusters")["clusters"]["C1"]["reconnects"] >= 1
+    text = fwd.log_text()
+    assert old not in text
+    assert new not in text
