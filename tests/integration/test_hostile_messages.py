@@ -297,7 +297,23 @@ class Topology:
         return "forwarded", (cluster, self.target_witness[cluster].last_of(mode.forwarded_key))
 
     def assert_counts_exact(self, mode: Mode) -> None:
-        """received == forwarded + dead-lettered, in the witnesses and in the forwarder's metrics."""
+        """received == forwarded + dead-lettered, in the witnesses and in the forwarder's metrics.
+
+        Messages still on their way to a witness are waited for (with a deadline): the
+        forwarder counts a message once its target connection took it, the witness a moment later.
+        """
+        self.source_witness.flush()
+        for witness in self.target_witness.values():
+            witness.flush()
+        wait_until(
+            lambda: (
+                self.outcomes(mode) >= self.received(mode)
+                and self.metrics(mode)["forwarder_messages_received_total"] >= self.received(mode)
+            ),
+            20,
+            interval=0.05,
+            message=lambda: f"{mode.name}: received {self.received(mode)}, outcomes {self.outcomes(mode)}",
+        )
         metrics = self.metrics(mode)
         received = self.received(mode)
         forwarded = self.forwarded(mode)
