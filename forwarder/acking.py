@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import nats.errors
@@ -41,9 +41,10 @@ from nats.js.api import PubAck
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
 from .pipeline import TOO_LARGE, DeadLetters, RouteFn
-from .router import Rejection, bad_headers
+from .router import GraceRoute, Rejection, bad_headers
 from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
+from .topology import GRACE_ID_HEADER, grace_ids
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 NO_STREAM = "no_stream"  # a dead-letter reason: a JetStream target has no stream for the subject
@@ -204,12 +205,26 @@ class ClusterLane(Lane):
         if not cluster.connected:
             await self._unavailable(msg)
             return
-        try:
-            await cluster.publish(subject, msg.data, msg.headers)
-        except Exception as exc:
-            await self._publish_failed(msg, exc)
-            return
+        headers = msg.headers
+        if headers is not None or not cluster.try_publish(subject, msg.data):
+            try:
+                await cluster.publish(subject, msg.data, headers)
+            except Exception as exc:
+                await self._publish_failed(msg, exc)
+                return
         self._enqueue(msg)
+
+    async def copy(self, msg: Msg, subject: str) -> None:
+        """A grace-window copy for subscribers still on this (old) cluster: best effort,
+        never holding up the acknowledgement, which belongs to the asset's new cluster."""
+        try:
+            await self.cluster.publish(subject, msg.data, self._copy_headers(msg))
+            self.cluster.grace_publishes += 1
+        except Exception:
+            self.cluster.publish_errors += 1
+
+    def _copy_headers(self, msg: Msg) -> dict[str, str] | None:
+        return msg.headers
 
     async def _confirm(self, batch: list[Any]) -> None:
         try:
@@ -253,6 +268,9 @@ class ClusterLane(Lane):
 
 class JetStreamLane(ClusterLane):
     """A JetStream target: asynchronous publishes with ``Nats-Msg-Id``, confirmed by their PubAcks."""
+
+    def _copy_headers(self, msg: Msg) -> dict[str, str] | None:
+        return {**(msg.headers or {}), MSG_ID_HEADER: source_msg_id(msg)}
 
     async def submit(self, msg: Msg, subject: str) -> None:
         cluster = self.cluster
@@ -333,40 +351,48 @@ class ParkLane(Lane):
 
 
 class AckingPipeline:
-    """Routes each message into its target's lane; unroutable ones into the dead-letter lane."""
+    """Routes each message into its target's lane; unroutable ones into the dead-letter lane.
 
-    def __init__(
-        self,
-        route: RouteFn,
-        dead: DeadLetterLane,
-        lanes: Mapping[str, ClusterLane],
-        stats: ForwardingStats,
-        park: ParkLane | None = None,
-    ) -> None:
-        self._route = route
+    The routing (which lane serves which cluster) is handed in with ``use()``; the
+    pipeline only creates, starts and stops lanes.
+    """
+
+    def __init__(self, dead: DeadLetterLane, stats: ForwardingStats, park: ParkLane | None = None) -> None:
+        self._route: RouteFn | None = None
         self._dead = dead
-        self.lanes = dict(lanes)
         self._stats = stats
         self._park = park
-        for lane in self.lanes.values():
-            lane.park = park
+        self._lanes: list[ClusterLane] = []
+        self._started = False
+        self._grace_id = grace_ids()
 
-    @staticmethod
-    def lanes_for(
-        clusters: Sequence[NatsCluster], acks: SourceAcks, stats: ForwardingStats, dead: DeadLetterLane
-    ) -> dict[str, ClusterLane]:
-        return {
-            c.name: (JetStreamLane if c.settings.jetstream is not None else ClusterLane)(
-                c, acks, stats, dead, c.settings.jetstream.ack_timeout if c.settings.jetstream else 5.0
-            )
-            for c in clusters
-        }
+    def use(self, route: RouteFn) -> None:
+        """Route with a new router from the next message on (a topology change)."""
+        self._route = route
+
+    def new_lane(self, cluster: NatsCluster) -> ClusterLane:
+        """A lane for ``cluster``, running if the pipeline runs."""
+        kind = JetStreamLane if cluster.settings.jetstream is not None else ClusterLane
+        timeout = cluster.settings.jetstream.ack_timeout if cluster.settings.jetstream else 5.0
+        lane = kind(cluster, self._dead.acks, self._stats, self._dead, timeout)
+        lane.park = self._park
+        self._lanes.append(lane)
+        if self._started:
+            lane.start()
+        return lane
+
+    async def retire(self, lanes: Sequence[ClusterLane]) -> None:
+        """Stop lanes that no route leads to any more, once their batches are confirmed."""
+        for lane in lanes:
+            self._lanes.remove(lane)
+        await asyncio.gather(*(lane.stop() for lane in lanes))
 
     def start(self) -> None:
+        self._started = True
         self._dead.start()
         if self._park is not None:
             self._park.start()
-        for lane in self.lanes.values():
+        for lane in self._lanes:
             lane.start()
 
     async def stop(self) -> None:
@@ -374,7 +400,7 @@ class AckingPipeline:
 
         Cluster lanes first: while they finish they may still park or dead-letter.
         """
-        await asyncio.gather(*(lane.stop() for lane in self.lanes.values()))
+        await asyncio.gather(*(lane.stop() for lane in self._lanes))
         if self._park is not None:
             await self._park.stop()
         await self._dead.stop()
@@ -399,9 +425,17 @@ class AckingPipeline:
         return replay
 
     async def dispatch(self, msg: Any) -> None:
-        route = self._route(msg.subject, msg.headers, msg.data)
+        assert self._route is not None, "use() a router before consuming"
+        route: Any = self._route(
+            msg.subject, msg.headers, msg.data
+        )  # (target, subject) | GraceRoute | Rejection
         if route.__class__ is tuple:
             lane, subject = route
             await lane.submit(msg, subject)
+        elif route.__class__ is GraceRoute:
+            lane, subject, old = route
+            msg.headers = {**(msg.headers or {}), GRACE_ID_HEADER: self._grace_id()}
+            await lane.submit(msg, subject)
+            await old.copy(msg, subject)
         else:
-            await self._dead.submit(msg, route)  # type: ignore[arg-type]
+            await self._dead.submit(msg, route)

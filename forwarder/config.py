@@ -185,6 +185,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TopologySettings:
+    """Live topology: kept in a key-value bucket on the source connection (None: the file only)."""
+
+    kv_bucket: str | None = None
+    grace: float = 30.0  # seconds a moved asset is published to its old cluster too
+    apply_timeout: float = 30.0  # seconds to connect new clusters before a version is refused
+    poll_interval: float = 10.0  # seconds between reads of the bucket, behind the watch
+
+
+@dataclass(frozen=True)
 class FileRef:
     """A file that the config names (credentials, certificates): checked at start-up."""
 
@@ -202,6 +212,7 @@ class Settings:
     log: LogSettings = LogSettings()
     shutdown_timeout: float = 15.0
     workers: int = 1
+    topology: TopologySettings = TopologySettings()
     file_refs: tuple[FileRef, ...] = ()
 
     def cluster(self, name: str) -> ClusterSettings:
@@ -532,6 +543,7 @@ class _Loader:
             ),
             shutdown_timeout=top.number("shutdown_timeout", 15.0, exclusive_minimum=0),
             workers=top.number("workers", 1, integer=True, minimum=1),
+            topology=self.topology(top.section("topology")),
             file_refs=tuple(self.file_refs),
         )
         if settings.http.port > 65535:
@@ -539,6 +551,20 @@ class _Loader:
         http.done()
         log.done()
         top.done()
+        return settings
+
+    def topology(self, sec: _Section | None) -> TopologySettings:
+        if sec is None:
+            return TopologySettings()
+        settings = TopologySettings(
+            kv_bucket=sec.text("kv_bucket", None),
+            grace=sec.number("grace", 30.0, minimum=0),
+            apply_timeout=sec.number("apply_timeout", 30.0, exclusive_minimum=0),
+            poll_interval=sec.number("poll_interval", 10.0, exclusive_minimum=0),
+        )
+        if settings.kv_bucket is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", settings.kv_bucket):
+            raise sec.error("kv_bucket", f"is not a valid bucket name: {settings.kv_bucket!r}")
+        sec.done()
         return settings
 
     # ---- connections

@@ -32,6 +32,7 @@ class ClusterView(Protocol):
     publish_errors: int
     redeliveries: int
     parked: int
+    grace_publishes: int
 
     @property
     def stats(self) -> Any: ...  # natsconn.ConnectionStats
@@ -73,7 +74,9 @@ class ServiceView(Protocol):
     """What the collector reads from the running service."""
 
     stats: ForwardingStats
-    algorithm: str
+
+    @property
+    def algorithm(self) -> str: ...
 
     @property
     def source(self) -> SourceView: ...
@@ -82,6 +85,10 @@ class ServiceView(Protocol):
     def clusters(self) -> Iterable[ClusterView]: ...
 
     def ring_shares(self) -> Mapping[str, float]: ...
+
+    def topology_counts(self) -> tuple[int, int, int]:
+        """(version, changes applied, apply errors) of the live topology."""
+        ...
 
 
 class ForwarderCollector:
@@ -214,6 +221,20 @@ class ForwarderCollector:
         )
         latency.add_metric([], hist.cumulative(), sum_value=hist.total)
         yield latency
+        version, changes, apply_errors = svc.topology_counts()
+        yield _gauge("topology_version", "The topology version routing follows.", [((), version)])
+        yield _counter("topology_changes", "Topology versions applied without a restart.", [((), changes)])
+        yield _counter(
+            "topology_apply_errors",
+            "Topology versions that could not be applied (kept the old routing).",
+            [((), apply_errors)],
+        )
+        yield _counter(
+            "grace_publishes",
+            "Copies of moved assets' messages sent to their old cluster in a grace window.",
+            [((c.name,), c.grace_publishes) for c in clusters],
+            "cluster",
+        )
         yield _gauge(
             "ring_share",
             "Share of the key space each cluster owns.",

@@ -21,8 +21,9 @@ from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .config import HEADER_NAME_RE
 from .logs import RateLimitedLogger, get_logger
 from .natsconn import header_block_size
-from .router import MalformedHeaders, Rejection, bad_headers
+from .router import GraceRoute, MalformedHeaders, Rejection, bad_headers
 from .stats import ForwardingStats
+from .topology import GRACE_ID_HEADER, grace_ids
 
 ERROR_HEADER = "Forwarder-Error"
 SUBJECT_HEADER = "Forwarder-Subject"
@@ -55,6 +56,12 @@ def publishable_headers(headers: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in headers.items() if HEADER_NAME_RE.match(k)}
 
 
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    data = text.encode("utf-8")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+
+
 class DeadLetters:
     """Publishes unroutable messages to the dead-letter subject, with the reason."""
 
@@ -66,20 +73,21 @@ class DeadLetters:
 
     def build(self, msg: Msg, rejection: Rejection) -> tuple[bytes, dict[str, str]]:
         """The payload and headers of the dead letter, cut to fit the source's max_payload."""
-        original = printable(msg.subject)
-        headers = publishable_headers(msg.headers)
-        headers[ERROR_HEADER] = rejection.header()[:512]
-        headers[SUBJECT_HEADER] = original[:1024]
         payload = msg.data
         limit = self._connection.max_payload or 1024 * 1024
+        # Our two headers stay well inside the limit however small it is: in bytes, cut at
+        # a character boundary (a subject may be long and not ASCII).
+        budget = max(64, min(1024, limit // 8))
+        headers = publishable_headers(msg.headers)
+        headers[ERROR_HEADER] = cut_utf8(rejection.header(), budget // 2)
+        headers[SUBJECT_HEADER] = cut_utf8(printable(msg.subject), budget)
         if header_block_size(headers) + len(payload) > limit:
             truncated_note = {TRUNCATED_HEADER: str(len(payload))}
             if header_block_size(headers | truncated_note) > limit // 2:
                 # The original headers alone crowd the limit: keep only ours.
                 headers = {ERROR_HEADER: headers[ERROR_HEADER], SUBJECT_HEADER: headers[SUBJECT_HEADER]}
-            if header_block_size(headers) + len(payload) > limit:  # still too big: cut the payload
-                headers |= truncated_note
-                payload = payload[: max(0, limit - header_block_size(headers))]
+            headers |= truncated_note
+            payload = payload[: max(0, limit - header_block_size(headers))]
         return payload, headers
 
     async def send(self, msg: Msg, rejection: Rejection) -> bool:
@@ -102,14 +110,26 @@ class DeadLetters:
         return True
 
 
+def _no_route(subject: str, headers: Mapping[str, str] | None, payload: bytes) -> Rejection:
+    raise RuntimeError("use() a router before consuming")
+
+
 class CorePipeline:
     """At-most-once forwarding: route, publish into the target's buffer, count."""
 
-    def __init__(self, route: RouteFn, dead_letters: DeadLetters, stats: ForwardingStats) -> None:
-        self._route = route
+    def __init__(self, dead_letters: DeadLetters, stats: ForwardingStats) -> None:
+        self._route: RouteFn = _no_route
+        self._route_subject: Callable[[str], Any] | None = None
         self._dead_letters = dead_letters
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
+        self._grace_id = grace_ids()
+
+    def use(self, route: RouteFn, route_subject: Callable[[str], Any] | None = None) -> None:
+        """Route with this router from the next message on (at start, and at a topology change).
+
+        ``route_subject``: the router's per-subject shortcut, when the key is in the subject."""
+        self._route, self._route_subject = route, route_subject
 
     def start(self) -> None:
         """Nothing runs beside the handler in at-most-once mode."""
@@ -121,18 +141,44 @@ class CorePipeline:
         stats = self._stats
         stats.received += 1
         data = msg.data
-        route = self._route(msg.subject, msg.headers, data)
+        headers = msg.headers
+        by_subject = self._route_subject
+        route: Any = (
+            by_subject(msg.subject) if by_subject is not None else self._route(msg.subject, headers, data)
+        )
         if route.__class__ is not tuple:
-            await self._dead_letters.send(msg, route)  # type: ignore[arg-type]
+            if route.__class__ is GraceRoute:
+                await self._publish_twice(msg, route)
+            else:
+                await self._dead_letters.send(msg, route)
             return
         cluster, subject = route
-        try:
-            await cluster.publish(subject, data, msg.headers)
-        except Exception as exc:
-            await self._failed(msg, cluster, exc)
-            return
+        if headers is not None or not cluster.try_publish(subject, data):
+            try:
+                await cluster.publish(subject, data, headers)
+            except Exception as exc:
+                await self._failed(msg, cluster, exc)
+                return
         cluster.forwarded += 1
         stats.latency.observe(time.perf_counter() - msg.received_at)
+
+    async def _publish_twice(self, msg: Any, route: GraceRoute) -> None:
+        """A moved asset in a grace window: its new cluster and, as a courtesy to subscribers
+        still there, its old one; both copies carry the same ``Forwarder-Grace-Id``."""
+        cluster, subject, old = route
+        headers = {**(msg.headers or {}), GRACE_ID_HEADER: self._grace_id()}
+        try:
+            await cluster.publish(subject, msg.data, headers)
+        except Exception as exc:
+            await self._failed(msg, cluster, exc)
+        else:
+            cluster.forwarded += 1
+            self._stats.latency.observe(time.perf_counter() - msg.received_at)
+        try:
+            await old.publish(subject, msg.data, headers)
+            old.grace_publishes += 1
+        except Exception:
+            old.publish_errors += 1
 
     async def _failed(self, msg: Msg, cluster: NatsCluster, exc: Exception) -> None:
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):

@@ -84,6 +84,14 @@ def bad_headers(headers: Mapping[str, str] | None) -> Rejection:
     return Rejection(BAD_HEADERS, "a header name is not a valid token")
 
 
+class GraceRoute(tuple):  # type: ignore[type-arg]
+    """``(target, subject, previous target)``: an asset that moved in a topology change,
+    published to its old cluster too while the grace window lasts. A distinct class, so
+    the hot path's ``route.__class__ is tuple`` test stays the only cost of the feature."""
+
+    __slots__ = ()
+
+
 Template = Callable[[str, str], str]  # (source subject, asset) -> target subject
 
 
@@ -166,20 +174,31 @@ def _is_utf8(text: str) -> bool:
 class Router(Generic[T]):
     """Route messages of one routing config to ``targets`` (cluster name -> target)."""
 
-    def __init__(self, routing: RoutingSettings, ring: Ring, targets: Mapping[str, T]) -> None:
+    def __init__(
+        self, routing: RoutingSettings, ring: Ring, targets: Mapping[str, T], *, previous: Ring | None = None
+    ) -> None:
+        """``previous``: the ring before a topology change; during the grace window an asset
+        that it places elsewhere gets a ``GraceRoute`` (its old target must be in ``targets``)."""
         self.settings = routing
         self.ring = ring
+        self.previous = previous
         self._targets = dict(targets)
         self._render = compile_template(routing.subject_template)
         self._cluster_of: ComputingCache[str, str] = ComputingCache(ring.cluster_for, routing.cache_size)
+        self._previous_of: ComputingCache[str, str] | None = (
+            ComputingCache(previous.cluster_for, routing.cache_size) if previous is not None else None
+        )
         key = routing.key
         self.route: Callable[[str, Mapping[str, str] | None, bytes], tuple[T, str] | Rejection]
+        # With the key in the subject, the whole route is a function of the subject:
+        # ``route_subject`` is then that cached function (a dict lookup on a hit) and the
+        # hot path calls it directly; None in the other key modes.
+        self.route_subject: Callable[[str], tuple[T, str] | Rejection] | None = None
         if key.kind == "subject_token":
             by_subject: ComputingCache[str, tuple[T, str] | Rejection] = ComputingCache(
                 self._route_subject, routing.cache_size
             )
-            lookup = by_subject.__getitem__
-            self._by_subject = by_subject
+            self.route_subject = lookup = by_subject.__getitem__
             self.route = lambda subject, headers, payload: lookup(subject)
         elif key.kind == "header":
             self.route = self._route_header
@@ -244,4 +263,9 @@ class Router(Generic[T]):
         problem = subject_problem(target_subject)
         if problem is not None:
             return Rejection(BAD_TARGET_SUBJECT, f"target subject has {problem}")
-        return self._targets[self._cluster_of[asset]], target_subject
+        name = self._cluster_of[asset]
+        if self._previous_of is not None:
+            old = self._previous_of[asset]
+            if old != name and old in self._targets:
+                return GraceRoute((self._targets[name], target_subject, self._targets[old]))
+        return self._targets[name], target_subject

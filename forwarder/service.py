@@ -3,6 +3,11 @@
 Shaped like uvicorn's server: ``Server.serve()`` runs startup, the main loop and
 shutdown; signal handlers only set flags (the first SIGTERM/SIGINT asks for a
 graceful exit, a second one forces it).
+
+The routing state (the topology, its clusters and the router) can change while the
+service runs (``live.py``): new clusters are connected first, then the pipeline is
+handed the new router in one assignment, and clusters that left are drain-closed
+after the grace window, once what was in flight to them is confirmed.
 """
 
 from __future__ import annotations
@@ -17,17 +22,22 @@ from . import __version__
 from .acking import AckingPipeline, DeadLetterLane, ParkLane
 from .cluster import NatsCluster
 from .config import Settings, redact_url
-from .hashring import build_ring
 from .http import HttpServer
+from .live import ApplyError, Finish, TopologyManager
 from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
 from .pipeline import CorePipeline, DeadLetters
 from .router import Router
 from .source import CoreSource, JetStreamSource
 from .stats import ForwardingStats
+from .topology import Topology, cluster_settings
 
 HOUSEKEEPING_INTERVAL = 1.0
 STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before consuming anyway
+
+
+async def _nothing_to_finish(grace: float) -> None:
+    """A version that changed nothing but its number has no grace window."""
 
 
 class Server:
@@ -38,33 +48,30 @@ class Server:
         self.force_exit = False
         self.started = asyncio.Event()  # set once consuming; Events bind to a loop only when awaited
         self.stats = ForwardingStats()
-        self.algorithm: str = settings.routing.hashing.algorithm
-        self._clusters = {c.name: NatsCluster(c) for c in settings.clusters}
-        ring = build_ring(
-            self.algorithm,
-            {c.name: c.weight for c in settings.clusters},
-            replicas=settings.routing.hashing.replicas,
-        )
-        self.router: Router[Any]
         self.pipeline: CorePipeline | AckingPipeline
         if settings.source.jetstream is None:
             self._source = CoreSource(settings.source)
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
-            self.router = Router(settings.routing, ring, self._clusters)
-            self.pipeline = CorePipeline(self.router.route, dead_letters, self.stats)
+            self.pipeline = CorePipeline(dead_letters, self.stats)
         else:
             source = JetStreamSource(settings.source)
             self._source = source
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, source, self.stats)
             dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
-            lanes = AckingPipeline.lanes_for(list(self._clusters.values()), source, self.stats, dead)
             park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
-            self.router = Router(settings.routing, ring, lanes)
-            self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats, park)
+            self.pipeline = AckingPipeline(dead, self.stats, park)
+        self.topology = Topology.from_settings(settings)
+        self._clusters: dict[str, NatsCluster] = {}
+        self._lanes: dict[str, Any] = {}  # JetStream source: the lane of each cluster
+        self._leaving: dict[str, NatsCluster] = {}  # left the topology; closed when the grace ends
+        self.router: Router[Any]
+        self._install(self.topology, self._new_clusters(self.topology, self.topology.clusters))
+        self.live = TopologyManager(settings.topology, self) if settings.topology.kv_bucket else None
         self._metrics = Metrics(self)
         self.http = HttpServer(settings.http.host, settings.http.port, self)
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._switching = asyncio.Lock()
 
     # ---- what metrics and HTTP read
 
@@ -74,10 +81,22 @@ class Server:
 
     @property
     def clusters(self) -> Iterable[NatsCluster]:
-        return self._clusters.values()
+        """Every cluster with a connection: the topology's, and those leaving it."""
+        return [
+            *self._clusters.values(),
+            *(c for c in self._leaving.values() if c.name not in self._clusters),
+        ]
+
+    @property
+    def algorithm(self) -> str:
+        return self.topology.algorithm
 
     def ring_shares(self) -> Mapping[str, float]:
         return self.router.ring.shares()
+
+    def topology_counts(self) -> tuple[int, int, int]:
+        live = self.live
+        return self.topology.version, live.changes if live else 0, live.apply_errors if live else 0
 
     def metrics(self) -> bytes:
         return self._metrics.render()
@@ -86,9 +105,11 @@ class Server:
         problems: dict[str, str] = {}
         if not self._source.subscribed:
             problems["source"] = self._why_down("not subscribed", self._source.stats.last_error)
-        for cluster in self.clusters:
+        for cluster in self._clusters.values():
             if not cluster.connected:
                 problems[cluster.name] = self._why_down("not connected", cluster.stats.last_error)
+        if self.live is not None and self.live.problem:
+            problems["topology"] = self.live.problem
         if self.should_exit:
             problems["service"] = "shutting down"
         body: dict[str, Any] = {"ready": not problems}
@@ -102,11 +123,112 @@ class Server:
 
     def route(self, asset: str) -> dict[str, Any]:
         name = self.router.cluster_for(asset)
-        servers = self.settings.cluster(name).connection.servers
-        return {"asset": asset, "cluster": name, "servers": [redact_url(u) for u in servers]}
+        servers = self.topology.clusters[name].servers
+        return {
+            "asset": asset,
+            "cluster": name,
+            "servers": [redact_url(u) for u in servers],
+            "topology_version": self.topology.version,
+        }
 
     def clusters_state(self) -> dict[str, Any]:
-        return {"clusters": {c.name: c.snapshot() for c in self.clusters}, "source": self._source.describe()}
+        return {
+            "clusters": {c.name: c.snapshot() for c in self._clusters.values()},
+            "leaving": sorted(self._leaving),
+            "topology_version": self.topology.version,
+            "source": self._source.describe(),
+        }
+
+    # ---- the routing state
+
+    def _new_clusters(self, topology: Topology, names: Iterable[str]) -> dict[str, NatsCluster]:
+        return {n: NatsCluster(cluster_settings(n, topology.clusters[n], self.settings)) for n in names}
+
+    def _install(
+        self,
+        topology: Topology,
+        clusters: dict[str, NatsCluster],
+        previous: Topology | None = None,
+        leaving: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Route by ``topology`` from the next message on: one assignment in the pipeline.
+
+        With ``previous``, an asset that it placed on another cluster gets a grace route;
+        ``leaving`` holds the targets of clusters that are no longer in the topology, kept
+        for those routes. Returns the lanes that no route leads to any more.
+        """
+        targets: dict[str, Any]
+        displaced: list[Any] = []
+        if isinstance(self.pipeline, AckingPipeline):
+            lanes = {
+                name: lane if (lane := self._lanes.get(name)) is not None and lane.cluster is c
+                else self.pipeline.new_lane(c)
+                for name, c in clusters.items()
+            }  # fmt: skip
+            displaced = [lane for name, lane in self._lanes.items() if lanes.get(name) is not lane]
+            displaced = [lane for lane in displaced if lane not in (leaving or {}).values()]
+            self._lanes = lanes
+            targets = {**(leaving or {}), **lanes}
+        else:
+            targets = {**(leaving or {}), **clusters}
+        self.router = Router(
+            self.settings.routing, topology.ring, targets, previous=previous.ring if previous else None
+        )
+        if isinstance(self.pipeline, AckingPipeline):
+            self.pipeline.use(self.router.route)
+        else:
+            self.pipeline.use(self.router.route, self.router.route_subject)
+        self.topology = topology
+        self._clusters = clusters
+        return displaced
+
+    async def switch_topology(self, new: Topology, timeout: float) -> Finish:
+        """Connect what is new and switch routing; the returned step ends the grace window.
+
+        Raises ``ApplyError`` when a new cluster stays unreachable: then nothing changed
+        and the connections opened for the new version are closed again.
+        """
+        async with self._switching:
+            old = self.topology
+            if new.same_routing(old):
+                self.topology = new
+                return _nothing_to_finish
+            changed = [n for n, spec in new.clusters.items() if old.clusters.get(n) != spec]
+            fresh = self._new_clusters(new, changed)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(c.connect() for c in fresh.values())), timeout)
+            except Exception as exc:  # a timeout, or a cluster refused: the old routing stays
+                down = sorted(n for n, c in fresh.items() if not c.connected) or sorted(fresh)
+                await asyncio.gather(*(c.close() for c in fresh.values()), return_exceptions=True)
+                raise ApplyError(new.version, down, exc) from None
+            clusters = {n: fresh.get(n) or self._clusters[n] for n in new.clusters}
+            leaving_clusters = [c for n, c in self._clusters.items() if clusters.get(n) is not c]
+            removed = set(old.clusters) - set(new.clusters)
+            current = self._lanes if isinstance(self.pipeline, AckingPipeline) else self._clusters
+            leaving = {n: current[n] for n in removed}
+            self._leaving = {c.name: c for c in leaving_clusters}
+            displaced = self._install(new, clusters, previous=old, leaving=leaving)
+            self.log.info(
+                "topology_switched", version=new.version, previous=old.version,
+                added=sorted(set(new.clusters) - set(old.clusters)), removed=sorted(removed),
+            )  # fmt: skip
+            await self._consume_parked(list(fresh))
+
+        async def finish(grace: float) -> None:
+            """After ``grace``: plain routes, then let go of what left."""
+            if grace > 0:
+                await self._until_exit(asyncio.sleep(grace))
+            async with self._switching:
+                retired = displaced + self._install(new, clusters)
+                if isinstance(self.pipeline, AckingPipeline):
+                    await self.pipeline.retire(retired)
+                for cluster in leaving_clusters:
+                    await cluster.close()
+                    self.log.info("cluster_retired", cluster=cluster.name)
+                self._leaving = {}
+                self.log.info("grace_ended", version=new.version)
+
+        return finish
 
     # ---- lifecycle
 
@@ -164,6 +286,17 @@ class Server:
         )
         await self.http.start()
         loop = asyncio.get_running_loop()
+        if self.live is not None:
+            # The bucket's topology wins over the file's (which only fills an empty bucket).
+            await self._until_exit(self._source.connect())
+            if self.should_exit:
+                return
+            stored = await self.live.bootstrap(self._source.client, self.topology)
+            if not stored.same_routing(self.topology):
+                unused = self._install(stored, self._new_clusters(stored, stored.clusters))
+                if isinstance(self.pipeline, AckingPipeline):
+                    await self.pipeline.retire(unused)
+            self.topology = stored
         connects = [loop.create_task(c.connect()) for c in self.clusters]
         self._tasks += connects
         # Consume only once every cluster can take messages, or after a bounded wait:
@@ -173,13 +306,21 @@ class Server:
             return
         self.pipeline.start()
         await self._until_exit(self._source.start(self.pipeline.handle))
-        if isinstance(self._source, JetStreamSource) and self._source.parking:
-            assert isinstance(self.pipeline, AckingPipeline)
-            for name in self._clusters:
-                await self._until_exit(self._source.consume_parked(name, self.pipeline.replayer(name)))
+        await self._consume_parked(list(self._clusters))
+        if self.live is not None and not self.should_exit:
+            self._tasks.append(loop.create_task(self.live.run(), name="topology"))
         if not self.should_exit:
             self.started.set()
-            self.log.info("forwarder_started", http_port=self.http.port)
+            self.log.info(
+                "forwarder_started", http_port=self.http.port, topology_version=self.topology.version
+            )
+
+    async def _consume_parked(self, names: list[str]) -> None:
+        """Replay parked messages of these clusters (JetStream source with parking)."""
+        if isinstance(self._source, JetStreamSource) and self._source.parking:
+            assert isinstance(self.pipeline, AckingPipeline)
+            for name in names:
+                await self._until_exit(self._source.consume_parked(name, self.pipeline.replayer(name)))
 
     async def _until_exit(self, aw: Any) -> None:
         """Await ``aw`` unless an exit is requested first (then it is cancelled)."""

@@ -31,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, Retent
 from nats.protocol import parser as nats_parser
 
 from .config import HEADER_NAME_RE, JetStreamSourceSettings, SourceSettings
-from .natsconn import ConnectionEvents, ConnectionStats, ResilientClient, connect_with_retry
+from .natsconn import ConnectionEvents, ConnectionStats, ResilientClient, confirmed_flush, connect_with_retry
 from .router import MalformedHeaders
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
@@ -179,6 +179,13 @@ class CoreSource:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def client(self) -> SourceClient:
+        """The source connection (for the topology bucket, which lives there too)."""
+        if self.nc is None:
+            raise ConnectionError("source is not connected")
+        return self.nc
+
+    @property
     def subscribed(self) -> bool:
         return self.sub is not None and self.connected
 
@@ -218,6 +225,7 @@ class CoreSource:
             pending_msgs_limit=self.settings.pending_msgs_limit,
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
+        await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
 
     async def check(self) -> None:
@@ -245,10 +253,12 @@ class CoreSource:
         await nc.publish(subject, payload, headers=headers)
 
     async def flush(self, timeout: float) -> None:
+        """Confirms what was published on the source connection (dead letters, acks, parks)."""
         if self.nc is not None and self.nc.is_connected:
-            await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
+            await confirmed_flush(self.nc, timeout)
 
     async def close(self) -> None:
+        self._events.closing = True
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -316,6 +326,7 @@ class JetStreamSource(CoreSource):
         if self.parking:
             await self._ensure_park_stream()
         self.sub = await self._consume(cfg.stream, cfg.durable, self.settings.subject, handler)
+        await confirmed_flush(self.nc, 5.0)
         self.stats.last_error = None
         self.log.info("subscribed", stream=cfg.stream, durable=cfg.durable, subject=self.settings.subject)
 

@@ -527,3 +527,20 @@ def server_log_count(server: Any, *needles: str) -> int:
 
 def tls_url(server: Any, host: str = "127.0.0.1") -> str:
     return f"tls://{host}:{server.port}"
+
+
+async def prove_subscribed(nc: Any, subject: str, seen: Callable[[], bool], timeout: float = 10) -> None:
+    """Publish an echoed probe on ``subject`` from the subscribing connection until ``seen()``.
+
+    nats-py's ``flush()`` can overtake a SUB still in its buffer; a probe published on the same
+    connection goes out after the SUB, so its arrival proves the server has the interest.
+    """
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not seen():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the subscription to {subject} never became active")
+        await nc.publish(subject, b"probe")
+        await nc.flush()
+        await asyncio.sleep(0.02)

@@ -31,6 +31,7 @@ from tests.security_helpers import (
     OperatorChain,
     creds_text,
     nkey_config,
+    prove_subscribed,
     reload_server,
     server_log_count,
     server_tls_config,
@@ -178,13 +179,17 @@ async def forward_through(src: Secured, tgt: Secured, count: int = 20) -> list[b
     received: list[bytes] = []
 
     async def on_msg(msg: Any) -> None:
-        received.append(msg.data)
+        if msg.subject != "assets.probe.v":
+            received.append(msg.data)
+        else:
+            probes.append(msg.data)
 
+    probes: list[bytes] = []
     sub_nc = await nats_py.connect(**tgt.client, connect_timeout=2)
     pub_nc = await nats_py.connect(**src.client, connect_timeout=2)
     try:
         await sub_nc.subscribe("assets.>", cb=on_msg)
-        await sub_nc.flush()
+        await prove_subscribed(sub_nc, "assets.probe.v", lambda: bool(probes))
         for i in range(count):
             await pub_nc.publish(f"assets.a{i}.v", f"m{i}".encode())
         await pub_nc.flush()
@@ -302,7 +307,8 @@ async def test_bad_credentials_and_certificates_name_the_cluster_and_retry_until
 
     nc = await nats_py.connect(good.url)
     await nc.subscribe("assets.>", cb=on_msg)
-    await nc.flush()
+    await prove_subscribed(nc, "assets.probe.v", lambda: bool(collector))
+    collector.clear()
     await async_wait_until(lambda: fwd.json("/clusters")["source"]["subscribed"], 20)
     pub = await nats_py.connect(source.url)
     route = {a: fwd.json(f"/route/{a}")["cluster"] for a in (f"a{i}" for i in range(60))}
@@ -310,7 +316,7 @@ async def test_bad_credentials_and_certificates_name_the_cluster_and_retry_until
     for asset in to_c1:
         await pub.publish(f"assets.{asset}.v", b"x")
     await pub.flush()
-    await async_wait_until(lambda: len(collector) >= len(to_c1), 10)
+    await async_wait_until(lambda: len([s for s in collector if s != "assets.probe.v"]) >= len(to_c1), 10)
     await pub.close()
     await nc.close()
 

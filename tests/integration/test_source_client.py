@@ -58,7 +58,21 @@ class Watched:
             disconnected_cb=on_event, error_cb=on_event,
         )  # fmt: skip
         await self.client.subscribe("assets.>", cb=on_msg)
-        await self.client.flush()
+        # nats-py's flush can overtake a SUB still in its buffer: prove the interest with a probe.
+        probe = await nats_py.connect(url)
+        try:
+
+            async def probed() -> bool:
+                await probe.publish("assets.probe.v", b"")
+                await probe.flush()
+                await asyncio.sleep(0.02)
+                return "assets.probe.v" in self.subjects
+
+            await async_wait_until(probed, 10)
+        finally:
+            await probe.close()
+        await asyncio.sleep(0.05)  # a late duplicate probe lands now, before we forget them
+        self.subjects.clear()
         return self
 
     @property
