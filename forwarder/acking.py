@@ -40,8 +40,8 @@ from nats.js.api import PubAck
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
-from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn, printable
-from .router import GraceRoute, Rejection
+from .pipeline import TOO_LARGE, DeadLetters, RouteFn, printable
+from .router import GraceRoute, Rejection, bad_headers
 from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
 from .topology import GRACE_ID_HEADER, grace_ids
@@ -272,7 +272,7 @@ class ClusterLane(Lane):
                 msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
             )
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name))
+            await self.dead.submit(msg, bad_headers(msg.headers, cluster=name))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError | TimeoutError):
             self.cluster.publish_errors += 1
             await self._retry_later(msg, f"publish failed: {type(exc).__name__}")

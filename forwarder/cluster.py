@@ -23,7 +23,14 @@ from nats.js.client import JetStreamContext
 
 from .cache import ComputingCache
 from .config import ClusterSettings, redact_url
-from .natsconn import ConnectionEvents, ConnectionStats, confirmed_flush, connect_options, header_block_size
+from .natsconn import (
+    ConnectionEvents,
+    ConnectionStats,
+    ResilientClient,
+    confirmed_flush,
+    connect_with_retry,
+    header_block_size,
+)
 
 
 class ClusterError(Exception):
@@ -164,11 +171,10 @@ class NatsCluster:
             raise
 
     async def _connect(self) -> None:
-        nc = Client()
-        self._events.client = nc
         # nats-py retries the initial connect forever when max_reconnect_attempts < 0,
-        # reporting each failure through error_cb (logged, rate-limited).
-        await nc.connect(**connect_options(self.settings.connection, self._events))
+        # reporting each failure through error_cb (logged, rate-limited); what escapes it
+        # is logged and retried by connect_with_retry.
+        nc = await connect_with_retry(ResilientClient, self.settings.connection, self._events)
         async with self._lock:
             if self._closing:
                 await nc.close()

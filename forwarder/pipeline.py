@@ -18,9 +18,10 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
+from .config import HEADER_NAME_RE
 from .logs import RateLimitedLogger, get_logger
 from .natsconn import header_block_size
-from .router import GraceRoute, Rejection, shown_asset
+from .router import GraceRoute, MalformedHeaders, Rejection, bad_headers, shown_asset
 from .stats import ForwardingStats
 from .topology import GRACE_ID_HEADER, grace_ids
 
@@ -29,7 +30,6 @@ SUBJECT_HEADER = "Forwarder-Subject"
 TRUNCATED_HEADER = "Forwarder-Truncated"
 
 TOO_LARGE = "too_large"  # a dead-letter reason: the target's max_payload is smaller
-BAD_HEADERS = "bad_headers"  # a dead-letter reason: headers the target protocol cannot carry
 
 # (subject, headers, payload) -> (target, target subject) or why not; see router.Router.route
 RouteFn = Callable[[str, Mapping[str, str] | None, bytes], "tuple[Any, str] | Rejection"]
@@ -47,6 +47,13 @@ class DeadLetterConnection(Protocol):
 def printable(text: str) -> str:
     """A subject as it can be shown in a header or a log line (undecodable bytes escaped)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def publishable_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """The headers a dead letter can carry: those whose names nats-py will publish."""
+    if not headers or isinstance(headers, MalformedHeaders):
+        return {}
+    return {k: v for k, v in headers.items() if HEADER_NAME_RE.match(k)}
 
 
 def cut_utf8(text: str, max_bytes: int) -> str:
@@ -74,7 +81,7 @@ class DeadLetters:
         # Our two headers stay well inside the limit however small it is: in bytes, cut at
         # a character boundary (a subject may be long and not ASCII).
         budget = max(64, min(1024, limit // 8))
-        headers: dict[str, str] = dict(msg.headers or {})
+        headers = publishable_headers(msg.headers)
         headers[ERROR_HEADER] = cut_utf8(rejection.header(), budget // 2)
         headers[SUBJECT_HEADER] = cut_utf8(printable(msg.subject), budget)
         if header_block_size(headers) + len(payload) > limit:
@@ -192,9 +199,7 @@ class CorePipeline:
             rejection = Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
             await self._dead_letters.send(msg, rejection)
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self._dead_letters.send(
-                msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name)
-            )
+            await self._dead_letters.send(msg, bad_headers(msg.headers, cluster=name))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError):
             # At-most-once: a cluster that cannot take the message now loses it, counted.
             cluster.publish_errors += 1

@@ -34,6 +34,7 @@ KEY_TOO_LONG = "key_too_long"
 PAYLOAD_NOT_JSON = "payload_not_json"
 PAYLOAD_TOO_LARGE_TO_PARSE = "payload_too_large_to_parse"
 BAD_TARGET_SUBJECT = "bad_target_subject"
+BAD_HEADERS = "bad_headers"
 
 
 class Rejection:
@@ -66,6 +67,31 @@ class Rejection:
 
     def __hash__(self) -> int:
         return hash((self.reason, self.detail))
+
+
+class MalformedHeaders(dict[str, str]):
+    """The headers of a message whose header block cannot be forwarded as it came.
+
+    The source client gives a message these instead of what nats-py parsed (a block that
+    is not ``NATS/1.0``, a line that is no header, a name twice, bytes that are not UTF-8).
+    Its one entry has a name that is not a header token, so publishing these headers fails
+    in nats-py (``BadHeaderError``) and the message is dead-lettered with ``rejection``:
+    the forwarding path needs no check of its own for this rare case.
+    """
+
+    NAME = "(malformed header block)"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__({self.NAME: problem})
+        self.rejection = Rejection(BAD_HEADERS, problem)
+
+
+def bad_headers(headers: Mapping[str, str] | None, *, cluster: str | None = None) -> Rejection:
+    """Why a message's headers could not be published (by ``cluster``, where one refused them)."""
+    base = headers.rejection if isinstance(headers, MalformedHeaders) else None
+    if base is None:
+        return Rejection(BAD_HEADERS, "a header name is not a valid token", cluster=cluster)
+    return Rejection(base.reason, base.detail, asset=base.asset, cluster=cluster or base.cluster)
 
 
 class GraceRoute(tuple):  # type: ignore[type-arg]
@@ -241,6 +267,8 @@ class Router(Generic[T]):
         name = self.settings.key.header
         value = headers.get(name) if headers else None
         if value is None:
+            if isinstance(headers, MalformedHeaders):
+                return headers.rejection
             return Rejection(NO_KEY_HEADER, f"no {name} header")
         return self._finish(subject, value.strip())
 

@@ -5,30 +5,34 @@
 idle heartbeats, shared by every replica; messages are acknowledged (in batches) or
 negatively acknowledged with a back-off by the acking pipeline.
 
-The source connection is a ``SourceClient``: nats-py's client with two repairs for
-hostile producers (a subject that is not UTF-8 no longer kills the read loop) and a
-receipt timestamp on every message, so the latency histogram includes the time a
-message waited in the subscription's pending queue.
+The source connection is a ``SourceClient``: nats-py's client with repairs for hostile
+producers (a subject that is not UTF-8 or holds a vertical tab or form feed, a header
+block nats-py cannot parse: none of them stops the read loop or drops the connection
+any more; docs/upstream-nats-py.md) and a receipt timestamp on every message, so the
+latency histogram includes the time a message waited in the subscription's pending queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, RetentionPolicy, StreamConfig
+from nats.protocol import parser as nats_parser
 
-from .config import JetStreamSourceSettings, SourceSettings
-from .natsconn import ConnectionEvents, ConnectionStats, confirmed_flush, connect_options
+from .config import HEADER_NAME_RE, JetStreamSourceSettings, SourceSettings
+from .natsconn import ConnectionEvents, ConnectionStats, ResilientClient, confirmed_flush, connect_with_retry
+from .router import MalformedHeaders
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
 
@@ -41,10 +45,71 @@ class SourceMsg(Msg):
     origin_id: str | None = None  # ``stream:seq`` of the source message a parked copy stands for
 
 
-class SourceClient(Client):
+# nats-py's MSG and HMSG patterns separate fields by any regex whitespace (``\s``, which
+# includes \v and \f); the server separates them by spaces and tabs only, and \v and \f
+# are ordinary subject bytes to it. A subject holding one made nats-py misread the line:
+# a ProtocolError (reconnect, losing what was in flight) or the wrong subject and sid.
+MSG_RE = re.compile(rb"\AMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)\r\n")
+HMSG_RE = re.compile(
+    rb"\AHMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
+)
+
+
+class SourceParser(nats_parser.Parser):
+    """nats-py's protocol parser with the two patterns above: the same code, not a copy of it."""
+
+    parse = types.FunctionType(
+        nats_parser.Parser.parse.__code__,
+        {**vars(nats_parser), "MSG_RE": MSG_RE, "HMSG_RE": HMSG_RE},
+        "parse",
+        nats_parser.Parser.parse.__defaults__,
+    )
+
+
+class SourceClient(ResilientClient):
     """nats-py's client, hardened for messages that any producer can send."""
 
     msg_class = SourceMsg
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = SourceParser(self)
+
+    async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        """nats-py's header parsing, made safe, and exact about what it would lose.
+
+        nats-py raises inside the read loop (which then ends silently) on a block shorter
+        than ``NATS/1.0`` plus one byte and on a status line that is not UTF-8; it drops
+        lines that are not ``Name: value``, keeps one value of a repeated name, turns bytes
+        that are not UTF-8 into U+FFFD and a status line into a ``Status`` header. A message
+        that would not be forwarded as it came gets ``MalformedHeaders``, which
+        dead-letters it with the reason (values are trimmed, as NATS clients do). Messages
+        without headers return at once, as in nats-py; well-formed ones pay a few byte counts.
+        """
+        if not headers:
+            return None
+        if not headers.startswith(b"NATS/1.0\r\n"):
+            if headers.startswith(b"NATS/1.0 100 "):  # JetStream heartbeat, flow control: nats-py's own
+                try:
+                    return await super()._process_headers(headers)
+                except Exception:
+                    return MalformedHeaders("header status line is malformed")
+            if headers[8:9] == b" ":  # a status line from a producer would be forwarded as a header
+                return MalformedHeaders("header block has a status line")
+            return MalformedHeaders("header block does not begin with a NATS/1.0 line")
+        # What nats-py does here for a block without a status line, minus a coroutine call.
+        parsed = self._parse_header_lines(headers[10:])
+        lines = headers.count(b"\r\n")
+        if lines - 2 != len(parsed) or "" in parsed:
+            return MalformedHeaders(_header_lines_problem(headers))
+        if headers.count(b"\r") != lines or headers.count(b"\n") != lines:
+            return MalformedHeaders("a header holds a bare CR or LF")
+        if not headers.isascii():
+            try:
+                headers.decode("utf-8")
+            except UnicodeDecodeError:
+                return MalformedHeaders("a header is not valid UTF-8")
+        return parsed or None
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
@@ -81,6 +146,20 @@ class SourceClient(Client):
         """False when nats-py's read loop ended while the client believes it is connected."""
         task = self._reading_task
         return not (self.is_connected and task is not None and task.done())
+
+
+def _header_lines_problem(block: bytes) -> str:
+    """Why nats-py read fewer headers than ``block`` has lines (the rare, slow path)."""
+    seen: set[bytes] = set()
+    for line in block.split(b"\r\n")[1:-2]:
+        name, colon, _ = line.partition(b":")
+        name = name.strip()
+        if not colon or not HEADER_NAME_RE.match(name.decode("latin-1")):
+            return "a header line is not 'Name: value'"
+        if name in seen:
+            return f"header {name.decode('ascii')} appears more than once"
+        seen.add(name)
+    return "header block is malformed"
 
 
 class CoreSource:
@@ -131,10 +210,7 @@ class CoreSource:
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
     async def connect(self) -> None:
-        nc = SourceClient()
-        self._events.client = nc
-        await nc.connect(**connect_options(self.settings.connection, self._events))
-        self.nc = nc
+        self.nc = await connect_with_retry(SourceClient, self.settings.connection, self._events)
         await self._events.on_connected()
 
     async def start(self, handler: MessageHandler) -> None:
