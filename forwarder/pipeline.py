@@ -150,7 +150,29 @@ class CorePipeline:
     async def stop(self) -> None:
         """Nothing to confirm: published messages are already in the targets' buffers."""
 
+    def handle_nowait(self, msg: Any) -> bool:
+        """The whole job for an ordinary message, without awaiting: a cached route and a
+        buffered publish. False when the message needs ``handle`` (headers, a dead letter,
+        a grace window, a full or absent connection); nothing was done or counted then."""
+        if msg.headers is not None:
+            return False
+        by_subject = self._route_subject
+        data = msg.data
+        route = by_subject(msg.subject) if by_subject is not None else self._route(msg.subject, None, data)
+        if route.__class__ is not tuple:
+            return False
+        cluster, subject = route
+        if not cluster.try_publish(subject, data):
+            return False
+        stats = self._stats
+        stats.received += 1
+        cluster.forwarded += 1
+        stats.latency.observe(time.perf_counter() - msg.received_at)
+        return True
+
     async def handle(self, msg: Any) -> None:
+        if self.handle_nowait(msg):
+            return
         stats = self._stats
         stats.received += 1
         data = msg.data

@@ -31,10 +31,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, Retent
 from nats.protocol import parser as nats_parser
 
 from .config import HEADER_NAME_RE, JetStreamSourceSettings, SourceSettings
+from .logs import RateLimitedLogger
 from .natsconn import ConnectionEvents, ConnectionStats, ResilientClient, confirmed_flush, connect_with_retry
 from .router import MalformedHeaders
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
+FastHandler = Callable[[Msg], bool]  # handles a message without awaiting, or returns False
 
 
 @dataclass
@@ -173,6 +175,7 @@ class CoreSource:
         self.nc: SourceClient | None = None
         self.sub: Subscription | None = None
         self.stalls = 0  # read loops found dead and restarted
+        self._consumer: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -213,20 +216,51 @@ class CoreSource:
         self.nc = await connect_with_retry(SourceClient, self.settings.connection, self._events)
         await self._events.on_connected()
 
-    async def start(self, handler: MessageHandler) -> None:
-        """Connect (retrying until it succeeds) and subscribe ``handler``."""
+    async def start(self, handler: MessageHandler, fast: FastHandler | None = None) -> None:
+        """Connect (retrying until it succeeds) and subscribe ``handler``.
+
+        With ``fast``, our own loop takes the messages from the subscription's pending
+        queue (the same bounded queue, so the same slow-consumer limits) instead of
+        nats-py's: it drains what is there without an await per message and calls
+        ``fast`` first, awaiting ``handler`` only for a message ``fast`` declined.
+        """
         if self.nc is None:
             await self.connect()
         assert self.nc is not None
         self.sub = await self.nc.subscribe(
             self.settings.subject,
             queue=self.settings.queue_group or "",
-            cb=handler,
+            cb=None if fast is not None else handler,
             pending_msgs_limit=self.settings.pending_msgs_limit,
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
+        if fast is not None:
+            self._consumer = asyncio.get_running_loop().create_task(
+                self._run_consumer(self.sub, fast, handler), name="source-consumer"
+            )
         await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
+
+    async def _run_consumer(self, sub: Subscription, fast: FastHandler, handler: MessageHandler) -> None:
+        queue = sub._pending_queue
+        get_nowait, task_done = queue.get_nowait, queue.task_done
+        limited = RateLimitedLogger(self.log)
+        while True:
+            msg = await queue.get()
+            while True:  # what one read of the socket brought, then back to the event loop
+                sub._pending_size -= len(msg.data)
+                try:
+                    if not fast(msg):
+                        await handler(msg)
+                except Exception as exc:  # a bug must not stop consuming; counted like nats-py's
+                    self.stats.errors += 1
+                    limited.error("handler_failed", type(exc).__name__, error=repr(exc)[:300])
+                finally:
+                    task_done()
+                try:
+                    msg = get_nowait()
+                except asyncio.QueueEmpty:
+                    break
 
     async def check(self) -> None:
         """Housekeeping: a read loop that died while 'connected' is restarted and counted."""
@@ -244,6 +278,10 @@ class CoreSource:
                 await sub.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # the connection may be going away: nothing left to drain
                 self.log.warning("source_drain_failed", error=str(exc))
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:  # drain() waited for the queue to empty: nothing is lost here
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish on the source connection (dead letters)."""
@@ -306,7 +344,9 @@ class JetStreamSource(CoreSource):
     def lag(self) -> int | None:
         return self._lag
 
-    async def start(self, handler: MessageHandler) -> None:
+    async def start(self, handler: MessageHandler, fast: FastHandler | None = None) -> None:
+        """The JetStream push subscription (``fast`` is not used: flow control and
+        heartbeats need nats-py's own delivery loop)."""
         if self.nc is None:
             await self.connect()
         assert self.nc is not None
