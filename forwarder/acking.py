@@ -211,6 +211,13 @@ class ClusterLane(Lane):
         self.dead = dead
         self.park: ParkLane | None = None
 
+    def submit_nowait(self, msg: Msg, subject: str) -> bool:
+        """Publish into the buffer and join the batch, without awaiting; False: use ``submit``."""
+        if msg.headers is None and self.cluster.try_publish(subject, msg.data):
+            self._enqueue(msg)
+            return True
+        return False
+
     async def submit(self, msg: Msg, subject: str) -> None:
         cluster = self.cluster
         if not cluster.connected:
@@ -282,6 +289,9 @@ class ClusterLane(Lane):
 
 class JetStreamLane(ClusterLane):
     """A JetStream target: asynchronous publishes with ``Nats-Msg-Id``, confirmed by their PubAcks."""
+
+    def submit_nowait(self, msg: Msg, subject: str) -> bool:
+        return False  # every publish awaits a place in the PubAck window
 
     def _copy_headers(self, msg: Msg) -> dict[str, str] | None:
         return {**(msg.headers or {}), MSG_ID_HEADER: source_msg_id(msg)}
@@ -385,6 +395,7 @@ class AckingPipeline:
     def __init__(self, dead: DeadLetterLane, stats: ForwardingStats, park: ParkLane | None = None) -> None:
         self._confirm_timeout = dead.timeout  # core targets: a flush round trip within this
         self._route: RouteFn | None = None
+        self._route_subject: Callable[[str], Any] | None = None
         self._dead = dead
         self._stats = stats
         self._park = park
@@ -392,9 +403,11 @@ class AckingPipeline:
         self._started = False
         self._grace_id = grace_ids()
 
-    def use(self, route: RouteFn) -> None:
-        """Route with a new router from the next message on (a topology change)."""
+    def use(self, route: RouteFn, route_subject: Callable[[str], Any] | None = None) -> None:
+        """Route with a new router from the next message on (a topology change);
+        ``route_subject``: its per-subject shortcut when the key is in the subject."""
         self._route = route
+        self._route_subject = route_subject
 
     def new_lane(self, cluster: NatsCluster) -> ClusterLane:
         """A lane for ``cluster``, running if the pipeline runs."""
@@ -435,6 +448,11 @@ class AckingPipeline:
 
     async def handle(self, msg: Any) -> None:
         self._stats.received += 1
+        by_subject = self._route_subject
+        if by_subject is not None and msg.headers is None:  # the common case, without awaiting
+            route = by_subject(msg.subject)
+            if route.__class__ is tuple and route[0].submit_nowait(msg, route[1]):
+                return
         await self.dispatch(msg)
 
     def replayer(self, cluster: str) -> Callable[[Msg], Awaitable[None]]:

@@ -191,10 +191,7 @@ class Server:
             self.settings.routing, topology.ring, targets, previous=previous.ring if previous else None
         )
         self._dead_letters.asset_of = self.router.asset_of
-        if isinstance(self.pipeline, AckingPipeline):
-            self.pipeline.use(self.router.route)
-        else:
-            self.pipeline.use(self.router.route, self.router.route_subject)
+        self.pipeline.use(self.router.route, self.router.route_subject)
         self.topology = topology
         self._clusters = clusters
         return displaced
