@@ -44,6 +44,7 @@ class SourceMsg(Msg):
     """A message stamped with ``time.perf_counter()`` when nats-py decoded it."""
 
     received_at: float = 0.0
+    reply_bytes: bytes = b""  # the reply subject as it came: acks are written with it, not re-encoded
     origin_id: str | None = None  # ``stream:seq`` of the source message a parked copy stands for
 
 
@@ -127,20 +128,19 @@ class SourceClient(ResilientClient):
             headers=headers,
             _sid=sid,
             received_at=time.perf_counter(),
+            reply_bytes=reply,
         )
 
-    async def publish_many(self, subjects: Sequence[str], payload: bytes = b"") -> None:
-        """The same payload to many subjects in one buffered write: the acks of a confirmed batch.
+    async def send_empty(self, subjects: list[bytes]) -> None:
+        """An empty message to each subject, in one buffered write: the acks of a confirmed batch.
 
-        nats-py's ``publish`` is a coroutine chain per message; acknowledging a batch of
-        a thousand messages that way costs more than forwarding them did.
+        nats-py's ``publish`` is a coroutine chain per message; acknowledging a batch of a
+        thousand messages that way costs more than forwarding them did. One join builds
+        every ``PUB <reply> 0`` command at once.
         """
         if self.is_closed:
             raise nats.errors.ConnectionClosedError
-        size = len(payload)
-        await self._send_command(
-            b"".join(b"PUB %b %d\r\n%b\r\n" % (s.encode(), size, payload) for s in subjects)
-        )
+        await self._send_command(b"PUB " + b" 0\r\n\r\nPUB ".join(subjects) + b" 0\r\n\r\n")
         await self._flush_pending()
 
     @property
@@ -458,7 +458,7 @@ class JetStreamSource(CoreSource):
     async def ack(self, msgs: Sequence[Msg]) -> None:
         """Acknowledge messages whose targets confirmed them: one write for the batch."""
         if msgs and self.nc is not None:
-            await self.nc.publish_many([m.reply for m in msgs])
+            await self.nc.send_empty([getattr(m, "reply_bytes", b"") or m.reply.encode() for m in msgs])
 
     def backoff(self, msg: Msg) -> float:
         """The delay before a refused message comes back: the back-off step of its delivery count."""

@@ -306,3 +306,20 @@ def test_a_bucket_bound_is_inclusive():
     for value in (0.001, 0.0010001, 0.01, 0.02):
         hist.observe(value)
     assert cumulative(hist) == [("0.001", 1), ("0.01", 3), ("+Inf", 4)]
+
+
+@pytest.mark.parametrize("size", [1, 20, 63, 64, 65, 300, 5000])
+def test_observe_batch_equals_one_by_one_at_every_size_and_on_the_bounds(size: int) -> None:
+    """Small batches go one by one, large ones by a bisect per bound: both must agree,
+    also for latencies exactly on a bucket bound and for stamps out of order."""
+    rng = random.Random(size)
+    now = 1_000.0 + rng.random()
+    stamps = [
+        now - rng.choice([*LATENCY_BUCKETS, rng.random() * 0.01, rng.random() * 30]) for _ in range(size)
+    ]
+    one, batch = LatencyHistogram(), LatencyHistogram()
+    for t in stamps:
+        one.observe(now - t)
+    batch.observe_batch(now, list(stamps))
+    assert batch.counts == one.counts
+    assert batch.total == pytest.approx(one.total)
