@@ -319,7 +319,9 @@ class JetStreamLane(ClusterLane):
                 future.cancel()
                 self.cluster.publish_errors += 1
                 await self._retry_later(msg, "no PubAck in time")
-            elif future.cancelled() or future.exception() is not None:
+            elif future.cancelled():  # (exception() would raise CancelledError and end the lane)
+                await self._pub_ack_failed(msg, subject, asyncio.CancelledError())
+            elif future.exception() is not None:
                 await self._pub_ack_failed(msg, subject, future.exception())
             else:
                 accepted.append(msg)
