@@ -11,6 +11,7 @@ and closes, and is idempotent.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
@@ -71,6 +73,7 @@ class NatsCluster:
         self.js: JetStreamContext | None = None
         self._stream_known: dict[str, tuple[bool, float]] = {}  # subject -> (has a stream, checked at)
         self._writer: BufferedWriter | None = None
+        self._pub_acks: PubAckWindow | None = None
         self._events = ConnectionEvents(self.stats, kind="cluster")
         self.log = self._events.log
         self._lock = asyncio.Lock()
@@ -184,10 +187,8 @@ class NatsCluster:
             if self._writer is None:
                 self.log.warning("fast_publish_unavailable", reason="nats-py internals changed")
             if self.settings.jetstream is not None:
-                self.js = nc.jetstream(
-                    timeout=self.settings.jetstream.ack_timeout,
-                    publish_async_max_pending=self.settings.jetstream.max_pending,
-                )
+                self.js = nc.jetstream(timeout=self.settings.jetstream.ack_timeout)
+                self._pub_acks = await PubAckWindow.open(nc, self.settings.jetstream.max_pending)
         await self._events.on_connected()
 
     async def close(self) -> None:
@@ -264,18 +265,18 @@ class NatsCluster:
     async def publish_async(
         self, subject: str, payload: bytes, headers: dict[str, str]
     ) -> asyncio.Future[PubAck]:
-        """A JetStream publish whose PubAck arrives on the returned future.
+        """A JetStream publish whose PubAck (or the stream's refusal) arrives on the returned future.
 
         At most ``jetstream.max_pending`` publishes await their PubAck at once: past that
         this call waits, which slows the source down instead of buffering without bound.
         """
-        self._client_for(payload, headers)
-        js = self.js
-        if js is None:
+        nc = self._client_for(payload, headers)
+        window = self._pub_acks
+        if window is None:
             raise ClusterUnavailableError(self.name)
         self._inflight += 1
         try:
-            return await js.publish_async(subject, payload, headers=headers)
+            return await window.publish(nc, subject, payload, headers)
         finally:
             self._inflight -= 1
             if self.closing and not self._inflight:
@@ -363,3 +364,70 @@ class BufferedWriter:
         if self._queue.empty():
             self._queue.put_nowait(self._kick)
         return True
+
+
+class PubAckWindow:
+    """JetStream publishes whose PubAcks come back on one wildcard inbox, at most N at once.
+
+    nats-py's ``publish_async`` draws a NUID and random bytes per publish, parses every
+    PubAck as JSON and, on a stream's refusal, raises inside its reply handler, so the
+    future is never resolved: a message the stream refuses for good (``max_msg_size``)
+    would time out and be redelivered forever. Here a publish's reply subject is the
+    inbox plus a counter; a PubAck resolves its future, a refusal sets the ``APIError``
+    on it, "no responders" sets ``NoStreamResponseError``.
+    """
+
+    def __init__(self, prefix: str, max_pending: int) -> None:
+        self._prefix = prefix
+        self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._next = 0
+        self._slots = asyncio.Semaphore(max_pending)
+
+    @classmethod
+    async def open(cls, nc: Client, max_pending: int) -> PubAckWindow:
+        window = cls(nc.new_inbox() + ".", max_pending)
+        await nc.subscribe(window._prefix + "*", cb=window._on_reply)
+        return window
+
+    async def publish(
+        self, nc: Client, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[PubAck]:
+        await self._slots.acquire()
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        future.add_done_callback(lambda _, token=token: self._settled(token))  # type: ignore[misc]
+        try:
+            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            future.cancel()
+            raise
+        return future
+
+    def _settled(self, token: str) -> None:
+        self._futures.pop(token, None)
+        self._slots.release()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._futures.get(msg.subject[len(self._prefix) :])
+        if future is None or future.done():
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            reply = json.loads(msg.data)
+            if "error" in reply:
+                error = reply["error"]
+                future.set_exception(
+                    nats.js.errors.APIError(
+                        code=error.get("code"),
+                        err_code=error.get("err_code"),
+                        description=error.get("description"),
+                    )
+                )
+            else:
+                future.set_result(PubAck.from_response(reply))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            future.set_exception(nats.js.errors.Error(f"unreadable PubAck: {type(exc).__name__}"))

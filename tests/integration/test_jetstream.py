@@ -350,3 +350,40 @@ async def test_a_long_outage_of_one_cluster_does_not_stall_the_others(rig):
     await rig.settle(6000)
     await rig.verify(6000)
     assert fwd.metric('forwarder_messages_parked_total{cluster="C1"}') > 0
+
+
+async def test_a_message_over_the_target_streams_size_limit_is_dead_lettered(nats_servers, tmp_path):
+    """The stream refuses it for good (max_msg_size): a dead letter, acknowledged, not redelivered forever."""
+    source = nats_servers.server(name="source", jetstream=True)
+    target = nats_servers.server(name="target", jetstream=True)
+    await add_stream([source.url], "ASSETS", ["assets.>"])
+    nc = await nats.connect(target.url)
+    await nc.jetstream().add_stream(StreamConfig(name="TARGET", subjects=["assets.>"], max_msg_size=512))
+    await nc.close()
+    config = write_config(
+        tmp_path / "f.yaml", source.url, {"C1": {"servers": [target.url], "jetstream": JS_TARGET}},
+        source={"jetstream": {"stream": "ASSETS", "durable": "fwd", **FAST_REDELIVERY}},
+    )  # fmt: skip
+    fwd = ForwarderProcess(config, tmp_path / "fwd.log").start()
+    try:
+        fwd.wait_ready()
+        nc = await nats.connect(source.url)
+        dead: list[Any] = []
+
+        async def on_dead(msg: Any) -> None:
+            dead.append(msg)
+
+        await nc.subscribe("forwarder.dead", cb=on_dead)
+        js = nc.jetstream()
+        await js.publish("assets.a1.value", b"before")
+        await js.publish("assets.a1.value", b"y" * 2048)
+        await js.publish("assets.a1.value", b"after")
+        await async_wait_until(lambda: len(dead) == 1, 15, message=lambda: fwd.log_tail())
+        assert dead[0].headers["Forwarder-Error"].startswith("too_large")
+        await wait_stream([target.url], "TARGET", 2)
+        assert [d for _, d in await read_stream([target.url], "TARGET")] == [b"before", b"after"]
+        await async_wait_until(lambda: fwd.metric("forwarder_source_lag_messages") == 0, 15)
+        assert fwd.metric('forwarder_redeliveries_total{cluster="C1"}') == 0
+        await nc.close()
+    finally:
+        fwd.stop()
