@@ -405,3 +405,11 @@ class AckingPipeline:
             await lane.submit(msg, subject)
         else:
             await self._dead.submit(msg, route)  # type: ignore[arg-type]
+
+
+class UnaccountedAckingPipeline(AckingPipeline):
+    """``AckingPipeline`` without the per-message count: ``FORWARDER_ACCOUNTING=off`` (benchmark only;
+    the latency histogram is switched off by the service, per batch)."""
+
+    async def handle(self, msg: Any) -> None:
+        await self.dispatch(msg)

@@ -137,3 +137,23 @@ class CorePipeline:
             self._log.warning("publish_failed", cluster.name, cluster=cluster.name, error=str(exc))
         else:
             raise exc
+
+
+class UnaccountedCorePipeline(CorePipeline):
+    """``CorePipeline.handle`` without counting and timing: ``FORWARDER_ACCOUNTING=off``.
+
+    For the benchmark only (it measures what the accounting costs); keep it in step
+    with ``CorePipeline.handle``.
+    """
+
+    async def handle(self, msg: Any) -> None:
+        data = msg.data
+        route = self._route(msg.subject, msg.headers, data)
+        if route.__class__ is not tuple:
+            await self._dead_letters.send(msg, route)  # type: ignore[arg-type]
+            return
+        cluster, subject = route
+        try:
+            await cluster.publish(subject, data, msg.headers)
+        except Exception as exc:
+            await self._failed(msg, cluster, exc)

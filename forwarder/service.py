@@ -14,17 +14,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import __version__
-from .acking import AckingPipeline, DeadLetterLane, ParkLane
+from .acking import AckingPipeline, DeadLetterLane, ParkLane, UnaccountedAckingPipeline
 from .cluster import NatsCluster
 from .config import Settings, redact_url
 from .hashring import build_ring
 from .http import HttpServer
 from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
-from .pipeline import CorePipeline, DeadLetters
+from .pipeline import CorePipeline, DeadLetters, UnaccountedCorePipeline
 from .router import Router
-from .source import CoreSource, JetStreamSource
-from .stats import ForwardingStats
+from .source import CoreSource, JetStreamSource, UnstampedSourceClient
+from .stats import ForwardingStats, NullLatencyHistogram, accounting_enabled
 
 HOUSEKEEPING_INTERVAL = 1.0
 STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before consuming anyway
@@ -38,6 +38,9 @@ class Server:
         self.force_exit = False
         self.started = asyncio.Event()  # set once consuming; Events bind to a loop only when awaited
         self.stats = ForwardingStats()
+        self.accounting = accounting_enabled()  # off only for the benchmark (stats.ACCOUNTING_ENV)
+        if not self.accounting:
+            self.stats.latency = NullLatencyHistogram()
         self.algorithm: str = settings.routing.hashing.algorithm
         self._clusters = {c.name: NatsCluster(c) for c in settings.clusters}
         ring = build_ring(
@@ -51,7 +54,8 @@ class Server:
             self._source = CoreSource(settings.source)
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
             self.router = Router(settings.routing, ring, self._clusters)
-            self.pipeline = CorePipeline(self.router.route, dead_letters, self.stats)
+            core = CorePipeline if self.accounting else UnaccountedCorePipeline
+            self.pipeline = core(self.router.route, dead_letters, self.stats)
         else:
             source = JetStreamSource(settings.source)
             self._source = source
@@ -60,7 +64,10 @@ class Server:
             lanes = AckingPipeline.lanes_for(list(self._clusters.values()), source, self.stats, dead)
             park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
             self.router = Router(settings.routing, ring, lanes)
-            self.pipeline = AckingPipeline(self.router.route, dead, lanes, self.stats, park)
+            acking = AckingPipeline if self.accounting else UnaccountedAckingPipeline
+            self.pipeline = acking(self.router.route, dead, lanes, self.stats, park)
+        if not self.accounting:
+            self._source.client_class = UnstampedSourceClient
         self._metrics = Metrics(self)
         self.http = HttpServer(settings.http.host, settings.http.port, self)
         self._exit_event: asyncio.Event | None = None
@@ -162,6 +169,8 @@ class Server:
             source_subject=s.source.subject,
             mode="jetstream" if s.source.jetstream else "core",
         )
+        if not self.accounting:
+            self.log.warning("accounting_disabled", reason="FORWARDER_ACCOUNTING=off: metrics stay at zero")
         await self.http.start()
         loop = asyncio.get_running_loop()
         connects = [loop.create_task(c.connect()) for c in self.clusters]

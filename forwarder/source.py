@@ -83,8 +83,26 @@ class SourceClient(Client):
         return not (self.is_connected and task is not None and task.done())
 
 
+class UnstampedSourceClient(SourceClient):
+    """No receipt stamp: ``FORWARDER_ACCOUNTING=off`` (the benchmark's accounting-cost switch)."""
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> SourceMsg:
+        return SourceMsg(
+            _client=self,
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _sid=sid,
+        )
+
+
 class CoreSource:
     """A core NATS subscription (queue group) on the source subject."""
+
+    client_class: type[SourceClient] = SourceClient
 
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
@@ -124,7 +142,7 @@ class CoreSource:
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
     async def connect(self) -> None:
-        nc = SourceClient()
+        nc = self.client_class()
         self._events.client = nc
         await nc.connect(**connect_options(self.settings.connection, self._events))
         self.nc = nc
