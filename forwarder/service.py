@@ -31,7 +31,9 @@ STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before con
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, http_socket: str | None = None) -> None:
+        """``http_socket``: serve HTTP on this unix socket instead of the configured port (a worker
+        under the supervisor of ``workers: N``, which serves the port; see workers.py)."""
         self.settings = settings
         self.log = get_logger()
         self.should_exit = False
@@ -69,7 +71,7 @@ class Server:
         if not self.accounting:
             self._source.client_class = UnstampedSourceClient
         self._metrics = Metrics(self)
-        self.http = HttpServer(settings.http.host, settings.http.port, self)
+        self.http = HttpServer(settings.http.host, settings.http.port, self, unix_path=http_socket)
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
