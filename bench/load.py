@@ -61,10 +61,11 @@ class Traffic:
     def message(self, index: int, stamp: int) -> bytes:
         return b"%s%s%019d%s\r\n" % (self._heads[index], self.prefix, stamp, self.suffix)
 
-    def batches(self, size: int = BATCH) -> list[bytes]:
-        """Pre-built batches covering every subject once (stamp 0: throughput runs only count)."""
+    def batches(self, size: int = BATCH) -> list[tuple[bytes, int]]:
+        """Pre-built (batch, message count) covering every subject once (stamp 0: throughput runs
+        only count)."""
         msgs = [self.message(i, 0) for i in self.order]
-        return [b"".join(msgs[i : i + size]) for i in range(0, len(msgs), size)]
+        return [(b"".join(msgs[i : i + size]), len(msgs[i : i + size])) for i in range(0, len(msgs), size)]
 
     def stamped(self, start: int, count: int, stamp: int) -> bytes:
         """``count`` messages from position ``start`` of the cycle, all stamped ``stamp``."""
@@ -176,9 +177,10 @@ class Sample:
     t: float  # time.monotonic()
     arrived: int  # messages arrived at the targets since the run began
     cpu: float  # CPU seconds of the relay's process tree
+    busy: float = 0.0  # CPU seconds the whole machine was busy (all cores, every process)
 
 
-def cycle(batches: list[bytes]) -> Iterator[bytes]:
+def cycle(batches: list[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
     while True:
         yield from batches
 

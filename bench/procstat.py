@@ -78,3 +78,14 @@ def tree_rss_bytes(pids: list[int]) -> int:
 def tree_peak_rss_bytes(pids: list[int]) -> int:
     """Sum of each process's own peak: an upper bound of the tree's simultaneous peak."""
     return sum(peak_rss_bytes(p) for p in pids)
+
+
+def system_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all cores (/proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK

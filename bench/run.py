@@ -109,6 +109,7 @@ class RunResult:
     msgs_per_s: float = 0.0
     cpu_us_per_msg: float = 0.0
     cpu_share: float = 0.0  # relay CPU seconds per wall second during the steady slice
+    machine_busy: float = 0.0  # cores busy (all processes) during the steady slice, of nproc
     sent: int = 0
     arrived: int = 0
     lost: int = 0
@@ -350,9 +351,9 @@ class Rig:
         pub = RawPublisher(self.source.url)
         try:
             sent = 0
-            for batch in cycle(self.batches):
+            for batch, size in cycle(self.batches):
                 pub.send(batch)
-                sent += batch.count(b"PUB ")
+                sent += size
                 if sent >= count:
                     break
                 if sent % 50_000 < 1000:
@@ -367,11 +368,12 @@ class Rig:
             time.sleep(0.05)
         self._preloaded = sent
 
-    def throughput(self, sc: Scenario, pids: list[int], res: RunResult) -> None:
+    def throughput(self, sc: Scenario, pids: list[int], res: RunResult, base: int, first: Sample) -> None:
+        """``base``: the targets' in_msgs before the relay started (a JetStream relay starts on its
+        backlog at once); ``first``: a sample taken then (a tiny run may be over before the next)."""
         n = self.args.messages
         window = self.args.window
-        base = self.arrivals.in_msgs()
-        samples: list[Sample] = []
+        samples: list[Sample] = [first]
         pub = RawPublisher(self.source.url) if sc.source == "core" else None
         batches = cycle(self.batches)
         sent = n if pub is None else 0
@@ -380,7 +382,8 @@ class Rig:
             while True:
                 arrived = self.arrivals.in_msgs() - base
                 now = time.monotonic()
-                samples.append(Sample(now, arrived, procstat.tree_cpu_seconds(pids)))
+                busy = procstat.system_busy_seconds()[0]
+                samples.append(Sample(now, arrived, procstat.tree_cpu_seconds(pids), busy))
                 if arrived >= n:
                     break
                 if arrived != last_arrived:
@@ -390,9 +393,9 @@ class Rig:
                 if pub is not None:
                     pub.service()
                     while sent < n and sent - arrived < window:
-                        batch = next(batches)
+                        batch, size = next(batches)
                         pub.send(batch)
-                        sent += self.args.batch
+                        sent += size
                 time.sleep(0.02)
         finally:
             if pub is not None:
@@ -405,6 +408,7 @@ class Rig:
         res.msgs_per_s = moved / (b.t - a.t)
         res.cpu_us_per_msg = (b.cpu - a.cpu) * 1e6 / moved
         res.cpu_share = (b.cpu - a.cpu) / (b.t - a.t)
+        res.machine_busy = (b.busy - a.busy) / (b.t - a.t)
 
     def latency(
         self,
@@ -479,11 +483,12 @@ class Rig:
                 if sc.js_targets:
                     asyncio.run(self._target_streams(create=True))
                 self.preload(self.args.messages)
+            base, first = self.before_start()
             proc = self.start_relay(sc, rep, log)
             pids = procstat.tree(proc.pid)
             spy = self.start_py_spy(sc, proc.pid, log)
             try:
-                self.throughput(sc, pids, res)
+                self.throughput(sc, pids, res, base, first)
             finally:
                 if spy is not None:
                     stop_py_spy(spy)
@@ -506,6 +511,9 @@ class Rig:
         if res.exit_code not in (0, None) and res.error is None:
             res.error = f"relay exited with {res.exit_code}{tail(log)}"
         return res
+
+    def before_start(self) -> tuple[int, Sample]:
+        return self.arrivals.in_msgs(), Sample(time.monotonic(), 0, 0.0, procstat.system_busy_seconds()[0])
 
     def start_py_spy(self, sc: Scenario, pid: int, log: Path) -> subprocess.Popen[bytes] | None:
         if self.args.profile != "py-spy" or sc.relay != "forwarder":
@@ -539,6 +547,7 @@ def stop_py_spy(spies: Any) -> None:
 
 def machine() -> dict[str, Any]:
     model = "unknown"
+    load: list[str] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -552,8 +561,11 @@ def machine() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError, embedded.EmbeddedError):
         version = "unknown"
+    with contextlib.suppress(OSError):
+        load = Path("/proc/loadavg").read_text().split()[:3]
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_at_start": load,
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
@@ -584,6 +596,7 @@ def summarise(results: list[RunResult], order: list[str]) -> dict[str, dict[str,
             "msgs_per_s_max": max(rates),
             "cpu_us_per_msg": median([r.cpu_us_per_msg for r in runs]),
             "cpu_share": median([r.cpu_share for r in runs]),
+            "machine_busy": median([r.machine_busy for r in runs]),
             "latency_p50_ms": median([r.latency.get("p50_ms", float("nan")) for r in runs]),
             "latency_p99_ms": median([r.latency.get("p99_ms", float("nan")) for r in runs]),
             "latency_samples": sum(int(r.latency.get("count", 0)) for r in runs),
@@ -635,7 +648,7 @@ def fmt(value: float, spec: str) -> str:
 def table(summary: dict[str, dict[str, Any]], extra: dict[str, Any]) -> str:
     head = (
         f"{'':2}{'scenario':<44}{'msg/s':>10}{'(min..max)':>19}{'CPU us/msg':>12}"
-        f"{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}{'cores':>7}{'busy':>6}"
     )
     lines = [head, "-" * len(head)]
     for i, s in enumerate(summary.values()):
@@ -647,8 +660,12 @@ def table(summary: dict[str, dict[str, Any]], extra: dict[str, Any]) -> str:
         cpu, p50, p99 = (fmt(s[k], ".2f") for k in ("cpu_us_per_msg", "latency_p50_ms", "latency_p99_ms"))
         lines.append(
             f"{label:<2}{s['title']:<44}{s['msgs_per_s']:>10,.0f}{rng:>19}{cpu:>12}"
-            f"{p50:>9}{p99:>9}{s['peak_rss_mb']:>9.1f}"
+            f"{p50:>9}{p99:>9}{s['peak_rss_mb']:>9.1f}{s['cpu_share']:>7.2f}{s['machine_busy']:>6.2f}"
         )
+    lines.append(
+        "(medians over the repetitions; cores: the relay's CPU seconds per second; busy: cores the whole"
+        " machine used meanwhile)"
+    )
     lines.append("")
     names = {
         "core_vs_bare": "forwarder core->core / bare relay",
@@ -682,10 +699,11 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
     if sc.source == "jetstream":
         asyncio.run(rig._reset_source())
         rig.preload(rig.args.messages)
+    base, first = rig.before_start()
     proc = rig.start_relay(sc, 1, log)
     try:
         pids = procstat.tree(proc.pid)
-        rig.throughput(sc, pids, res)
+        rig.throughput(sc, pids, res, base, first)
         rate = res.msgs_per_s / 2
         print(
             f"soak: {sc.title}: max {res.msgs_per_s:,.0f} msg/s; {seconds:g}s at {rate:,.0f} msg/s", file=out
@@ -765,7 +783,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-every", type=float, default=5.0, help="RSS sample interval in seconds")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     args = p.parse_args(argv)
-    args.batch = 1000
     unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(unknown)}")
@@ -808,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(
                             f"  [{rep}] {sc.title:<44} {res.msgs_per_s:>9,.0f} msg/s "
                             f"{res.cpu_us_per_msg:6.2f} us/msg  p50 {lat.get('p50_ms', float('nan')):.2f} "
-                            f"p99 {lat.get('p99_ms', float('nan')):.2f} ms  RSS {res.peak_rss_mb:.0f} MB",
+                            f"p99 {lat.get('p99_ms', float('nan')):.2f} ms  RSS {res.peak_rss_mb:.0f} MB  "
+                            f"cores {res.cpu_share:.2f}/{res.machine_busy:.2f}",
                             flush=True,
                         )
             summary = summarise(results, order)
@@ -821,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         rig.close()
+        with contextlib.suppress(OSError):
+            doc["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
         doc["elapsed_s"] = round(time.monotonic() - started, 1)
         path = (
             args.json or RESULTS / f"{'soak' if args.soak else 'bench'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
