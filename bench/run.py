@@ -294,13 +294,18 @@ class Rig:
             argv = [sys.executable, "-m", "bench.relay", "core" if sc.source == "core" else "jetstream"]
             argv += ["--source", self.source.url, "--assets", str(self.args.assets)]
             argv += ["--stream", SOURCE_STREAM, "--durable", "bench-relay"]
+            argv += ["--max-ack-pending", str(self.args.max_ack_pending)]
             for name, target in zip(CLUSTERS, self.targets, strict=True):
                 argv += ["--target", f"{name}={target.url}"]
             return argv, {}, None
         port = embedded.free_port()
         source: dict[str, Any] = {"servers": [self.source.url], "subject": "assets.>"}
         if sc.source == "jetstream":
-            source["jetstream"] = {"stream": SOURCE_STREAM, "durable": "bench-forwarder"}
+            source["jetstream"] = {
+                "stream": SOURCE_STREAM,
+                "durable": "bench-forwarder",
+                "max_ack_pending": self.args.max_ack_pending,
+            }
         clusters = {
             name: {"servers": [t.url], **({"jetstream": True} if sc.js_targets else {})}
             for name, t in zip(CLUSTERS, self.targets, strict=True)
@@ -324,7 +329,8 @@ class Rig:
         argv, env, port = self.relay_command(sc, rep)
         if self.args.profile == "pyinstrument" and sc.relay == "forwarder":
             out = RESULTS / f"pyinstrument-{sc.key}.txt"
-            argv = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(out), *argv[1:]]
+            profiler = [sys.executable, "-m", "pyinstrument", "--show-all", "-r", "text", "-o", str(out)]
+            argv = [*profiler, *argv[1:]]
         proc = spawn(argv, log=log, env=env, pipes=port is None)
         self.procs.append(proc)
         deadline = time.monotonic() + 30
@@ -346,32 +352,43 @@ class Rig:
 
     # ---- phases
 
-    def preload(self, count: int) -> None:
-        """Store ``count`` messages in the source stream before the relay starts."""
+    def preload(self, count: int, chunk: int = 25_000) -> int:
+        """Store ``count`` messages in the source stream before the relay starts; the backlog stored.
+
+        Core publishes into a stream are not acknowledged, and a server whose store falls
+        behind drops some: send a chunk, wait until the stream holds it, top up what is missing.
+        """
         pub = RawPublisher(self.source.url)
+        batches = cycle(self.batches)
+        stored = self.stream_messages()
         try:
-            sent = 0
-            for batch, size in cycle(self.batches):
-                pub.send(batch)
-                sent += size
-                if sent >= count:
-                    break
-                if sent % 50_000 < 1000:
-                    pub.service()
-            pub.flush()
+            deadline = time.monotonic() + 120
+            while stored < count:
+                want = min(chunk, count - stored)
+                sent = 0
+                while sent < want:
+                    batch, size = next(batches)
+                    pub.send(batch)
+                    sent += size
+                pub.flush()
+                pub.service()
+                target, last, still = stored + sent, stored, time.monotonic()
+                while (stored := self.stream_messages()) < target:
+                    if stored != last:
+                        last, still = stored, time.monotonic()
+                    elif time.monotonic() - still > 1.0:
+                        break  # some were dropped: top up in the next round
+                    time.sleep(0.02)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"source stream holds {stored} of {count} messages after 120s")
         finally:
             pub.close()
-        deadline = time.monotonic() + 60
-        while (stored := self.stream_messages()) < sent:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"source stream holds {stored} of {sent} messages after 60s")
-            time.sleep(0.05)
-        self._preloaded = sent
+        return stored
 
     def throughput(self, sc: Scenario, pids: list[int], res: RunResult, base: int, first: Sample) -> None:
         """``base``: the targets' in_msgs before the relay started (a JetStream relay starts on its
         backlog at once); ``first``: a sample taken then (a tiny run may be over before the next)."""
-        n = self.args.messages
+        n = res.sent or self.args.messages  # a JetStream backlog: what the stream holds
         window = self.args.window
         samples: list[Sample] = [first]
         pub = RawPublisher(self.source.url) if sc.source == "core" else None
@@ -482,7 +499,7 @@ class Rig:
                 asyncio.run(self._reset_source())
                 if sc.js_targets:
                     asyncio.run(self._target_streams(create=True))
-                self.preload(self.args.messages)
+                res.sent = self.preload(self.args.messages)
             base, first = self.before_start()
             proc = self.start_relay(sc, rep, log)
             pids = procstat.tree(proc.pid)
@@ -521,9 +538,12 @@ class Rig:
         RESULTS.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).parent / "py-spy"
         outs = []
-        for fmt, ext in (("flamegraph", "svg"), ("raw", "txt")):
+        # raw: collapsed stacks, for ``python -m bench.stacks`` (or any flamegraph tool); one
+        # sampler only, in non-blocking mode: two, or pausing the process, would slow it down.
+        for fmt, ext in (("raw", "txt"),):
             out = RESULTS / f"py-spy-{sc.key}.{ext}"
-            argv = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", fmt, "-o", str(out)]
+            argv = [str(spy), "record", "--nonblocking", "--pid", str(pid), "--rate", "250"]
+            argv += ["--format", fmt, "-o", str(out)]
             outs.append(spawn(argv, log=log))
             self.procs.append(outs[-1])
         time.sleep(1.0)  # attached
@@ -698,7 +718,7 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
     log = rig.workdir / f"soak-{sc.key}.log"
     if sc.source == "jetstream":
         asyncio.run(rig._reset_source())
-        rig.preload(rig.args.messages)
+        res.sent = rig.preload(rig.args.messages)
     base, first = rig.before_start()
     proc = rig.start_relay(sc, 1, log)
     try:
@@ -772,6 +792,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=40_000, help="core runs: messages ahead of the relay")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                    help=f"comma-separated, in run order; known: {', '.join(SCENARIOS)}")  # fmt: skip
+    p.add_argument("--max-ack-pending", type=int, default=20000,
+                   help="JetStream consumers' max_ack_pending (default: the forwarder's 20000)")  # fmt: skip
     p.add_argument("--storage", choices=("file", "memory"), default="file", help="JetStream storage")
     p.add_argument(
         "--json", type=Path, default=None, help="result file (default bench/results/bench-<time>.json)"
