@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -142,3 +143,37 @@ async def test_workers_flag_overrides_the_config_and_metrics_carry_a_worker_labe
         assert clusters["workers"]["2"]["clusters"]["C1"]["connected"] is True
     finally:
         assert proc.stop() == 0
+
+
+async def test_two_workers_share_the_durable_consumer_and_a_killed_one_loses_nothing(nats, fwd, tmp_path):
+    from tests.integration.test_jetstream import add_stream, publish_source, read_stream, wait_stream
+
+    source = nats.server(name="source", jetstream=True)
+    target = nats.server(name="c1", jetstream=True)
+    await add_stream([source.url], "ASSETS", ["assets.>"])
+    await add_stream([target.url], "OUT", ["assets.>"])
+    config = write_config(
+        tmp_path / "f.yaml",
+        source.url,
+        {"C1": {"servers": [target.url], "jetstream": True}},
+        source={"jetstream": {"stream": "ASSETS", "durable": "fwd", "ack_wait": 2}},
+        workers=2,
+    )
+    proc = fwd(config).wait_ready()
+    assert proc.proc is not None
+    workers = wait_until(lambda: len(worker_pids(proc.proc.pid)) == 2 and worker_pids(proc.proc.pid), 10)
+    publishing = asyncio.ensure_future(publish_source(source.url, 6000, rate=4000))
+    try:
+        await async_wait_until(
+            lambda: len(by_worker(proc.metrics(), "forwarder_messages_received_total")) == 2, 10
+        )
+        os.kill(workers[1], signal.SIGKILL)  # mid-stream: its unacknowledged messages come back
+        await publishing
+        await wait_stream([target.url], "OUT", 6000, timeout=30)
+        data = sorted(d.decode() for _, d in await read_stream([target.url], "OUT"))
+        assert data == sorted(f"m{i:07d}" for i in range(6000))  # every one, once (Nats-Msg-Id)
+        received = by_worker(proc.metrics(), "forwarder_messages_received_total")
+        assert set(received) == {"1", "2"}
+    finally:
+        publishing.cancel()
+    assert proc.stop() == 0
