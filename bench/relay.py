@@ -13,7 +13,11 @@ target (one round trip each, concurrently) and then acknowledges the whole batch
 one buffered write on the source connection (the same write the forwarder's
 ``publish_many`` does): at-least-once, never one round trip per message.
 
-Run as ``python -m bench.relay core|jetstream --source URL --target NAME=URL ...``;
+``jetstream-pull`` (not a yardstick; for the pull-versus-push note): a durable pull
+consumer, ``fetch()`` in batches, publish, flush every target, then ``msg.ack()`` for
+each message: nats-py's documented pull path.
+
+Run as ``python -m bench.relay core|jetstream|jetstream-pull --source URL --target NAME=URL ...``;
 prints ``ready`` once consuming; SIGTERM stops it (the JetStream relay confirms and
 acknowledges what is in flight first).
 """
@@ -27,6 +31,7 @@ import sys
 from typing import Any
 
 import nats
+import nats.errors
 import uvloop
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -72,6 +77,31 @@ async def run(args: argparse.Namespace) -> int:
 
         sub = await src.subscribe(args.subject, queue="bench-relay", cb=relay)
         confirmer = None
+    elif args.mode == "jetstream-pull":
+        psub = await src.jetstream().pull_subscribe(
+            args.subject,
+            durable=args.durable,
+            stream=args.stream,
+            config=ConsumerConfig(ack_wait=30, max_ack_pending=args.max_ack_pending),
+        )
+        conns = list(targets.values())
+
+        async def pull() -> None:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(batch=500, timeout=0.5)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    subject = msg.subject
+                    nc = by_subject.get(subject) or pick(subject)
+                    await nc.publish(subject, msg.data, headers=msg.headers)
+                await asyncio.gather(*(nc.flush(timeout=5) for nc in conns))
+                for msg in msgs:
+                    await msg.ack()
+
+        sub = psub
+        confirmer = loop.create_task(pull())
     else:
         published: list[Any] = []
         wakeup = asyncio.Event()
@@ -121,8 +151,10 @@ async def run(args: argparse.Namespace) -> int:
         confirmer = loop.create_task(confirm())
     print("ready", flush=True)
     await stop.wait()
+    if args.mode == "jetstream-pull":
+        await asyncio.wait_for(confirmer, 10)  # ends after its current batch
     await sub.unsubscribe()
-    if confirmer is not None:
+    if args.mode == "jetstream":
         wakeup.set()
         await asyncio.wait_for(confirmer, 10)
     await src.drain()
@@ -133,7 +165,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.relay")
-    p.add_argument("mode", choices=("core", "jetstream"))
+    p.add_argument("mode", choices=("core", "jetstream", "jetstream-pull"))
     p.add_argument("--source", required=True)
     p.add_argument("--target", action="append", required=True, metavar="NAME=URL")
     p.add_argument("--subject", default="assets.>")

@@ -59,7 +59,7 @@ ACCOUNTING_ENV = "FORWARDER_ACCOUNTING"
 class Scenario:
     key: str
     title: str
-    relay: str  # "bare" or "forwarder"
+    relay: str  # "bare", "bare-pull" or "forwarder"
     source: str  # "core" or "jetstream"
     js_targets: bool = False
     workers: int = 1
@@ -75,6 +75,10 @@ SCENARIOS = {
         Scenario("fwd-js-js", "forwarder, JetStream -> JetStream", "forwarder", "jetstream", js_targets=True),
         Scenario("bare-js", "bare nats-py JetStream relay -> core", "bare", "jetstream"),
         Scenario("fwd-core-w2", "forwarder workers: 2, core -> core", "forwarder", "core", workers=2),
+        Scenario("bare-js-pull", "bare nats-py JetStream pull fetch() -> core", "bare-pull", "jetstream"),
+        Scenario(
+            "fwd-js-core-w2", "forwarder workers: 2, JetStream -> core", "forwarder", "jetstream", workers=2
+        ),
         Scenario(
             "fwd-core-noacct",
             "forwarder, core -> core, accounting off",
@@ -290,8 +294,9 @@ class Rig:
 
     def relay_command(self, sc: Scenario, rep: int) -> tuple[list[str], dict[str, str], int | None]:
         """The relay's argv, extra environment, and HTTP port (forwarder) or None (bare: prints ready)."""
-        if sc.relay == "bare":
-            argv = [sys.executable, "-m", "bench.relay", "core" if sc.source == "core" else "jetstream"]
+        if sc.relay in ("bare", "bare-pull"):
+            mode = "core" if sc.source == "core" else "jetstream" if sc.relay == "bare" else "jetstream-pull"
+            argv = [sys.executable, "-m", "bench.relay", mode]
             argv += ["--source", self.source.url, "--assets", str(self.args.assets)]
             argv += ["--stream", SOURCE_STREAM, "--durable", "bench-relay"]
             argv += ["--max-ack-pending", str(self.args.max_ack_pending)]
@@ -573,8 +578,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import nats as nats_py
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
+    try:
+        nats_py = package_version("nats-py")
+    except PackageNotFoundError:
+        nats_py = "?"
     try:
         version = subprocess.run(
             [embedded.nats_server_binary(), "--version"], capture_output=True, text=True, timeout=10
@@ -590,7 +600,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "nats_py": getattr(nats_py, "__version__", "?"),
+        "nats_py": nats_py,
         "nats_server": version,
     }
 
@@ -728,20 +738,28 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
         print(
             f"soak: {sc.title}: max {res.msgs_per_s:,.0f} msg/s; {seconds:g}s at {rate:,.0f} msg/s", file=out
         )
-        samples: list[tuple[float, int]] = []
+        samples: list[tuple[float, int, int]] = []  # (seconds, RSS bytes, messages arrived)
         start = time.monotonic()
+        arrived_base = rig.arrivals.in_msgs()
 
         def sample(now: float) -> None:
             if not samples or now - start - samples[-1][0] >= every:
                 rss = procstat.tree_rss_bytes(pids)
-                samples.append((now - start, rss))
+                arrived = rig.arrivals.in_msgs() - arrived_base
+                samples.append((now - start, rss, arrived))
                 if len(samples) % 12 == 1:
-                    print(f"soak: t={now - start:5.0f}s RSS {rss / 2**20:.1f} MB", file=out, flush=True)
+                    behind = int((now - start) * rate) - arrived
+                    print(
+                        f"soak: t={now - start:5.0f}s RSS {rss / 2**20:.1f} MB, "
+                        f"{arrived} arrived ({behind} behind the producer)",
+                        file=out,
+                        flush=True,
+                    )
 
         latency = RunResult(sc.key, 1)  # the probe runs for the whole soak
         rig.latency(sc, latency, rig.workdir / "soak-probe.log", rate, seconds, on_tick=sample)
         warm = min(60.0, seconds / 10)
-        after = [rss for t, rss in samples if t >= warm] or [rss for _, rss in samples]
+        after = [rss for t, rss, _ in samples if t >= warm] or [rss for _, rss, _ in samples]
         base = after[0]
         peak = max(after)
         result = {
@@ -756,7 +774,7 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
             "growth": peak / base - 1,
             "flat_within_10pct": peak <= base * 1.10,
             "latency": latency.latency,
-            "samples": [(round(t, 1), rss) for t, rss in samples],
+            "samples": [(round(t, 1), rss, arrived) for t, rss, arrived in samples],
         }
         return result
     finally:
@@ -787,11 +805,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--payload-size", type=int, default=256, help="payload bytes (default 256)")
     p.add_argument("--repeat", type=int, default=2, help="interleaved repetitions (default 2)")
     p.add_argument("--assets", type=int, default=2000, help="distinct assets (5 subjects each; default 2000)")
-    p.add_argument("--latency-seconds", type=float, default=3.0, help="latency run length (0: skip)")
+    p.add_argument("--latency-seconds", type=float, default=2.0, help="latency run length (0: skip)")
     p.add_argument("--probe-every", type=int, default=50, help="the latency probe listens to every Nth asset")
     p.add_argument("--window", type=int, default=40_000, help="core runs: messages ahead of the relay")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
-                   help=f"comma-separated, in run order; known: {', '.join(SCENARIOS)}")  # fmt: skip
+                   help=f"comma-separated, in run order, or all; known: {', '.join(SCENARIOS)}")  # fmt: skip
     p.add_argument("--max-ack-pending", type=int, default=20000,
                    help="JetStream consumers' max_ack_pending (default: the forwarder's 20000)")  # fmt: skip
     p.add_argument("--storage", choices=("file", "memory"), default="file", help="JetStream storage")
@@ -805,6 +823,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-every", type=float, default=5.0, help="RSS sample interval in seconds")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     args = p.parse_args(argv)
+    if args.scenarios == "all":
+        args.scenarios = ",".join(SCENARIOS)
     unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(unknown)}")
