@@ -59,7 +59,7 @@ ACCOUNTING_ENV = "FORWARDER_ACCOUNTING"
 class Scenario:
     key: str
     title: str
-    relay: str  # "bare", "bare-pull" or "forwarder"
+    relay: str  # "bare", "bare-pull", "raw" or "forwarder"
     source: str  # "core" or "jetstream"
     js_targets: bool = False
     workers: int = 1
@@ -69,6 +69,7 @@ class Scenario:
 SCENARIOS = {
     s.key: s
     for s in (
+        Scenario("raw-ceiling", "ceiling: raw-socket re-framer, no routing", "raw", "core"),
         Scenario("bare-core", "bare nats-py relay, core -> core", "bare", "core"),
         Scenario("fwd-core", "forwarder, core -> core", "forwarder", "core"),
         Scenario("fwd-js-core", "forwarder, JetStream -> core", "forwarder", "jetstream"),
@@ -294,6 +295,9 @@ class Rig:
 
     def relay_command(self, sc: Scenario, rep: int) -> tuple[list[str], dict[str, str], int | None]:
         """The relay's argv, extra environment, and HTTP port (forwarder) or None (bare: prints ready)."""
+        if sc.relay == "raw":
+            argv = [sys.executable, "-m", "bench.rawrelay", "--source", self.source.url]
+            return [*argv, "--target", self.targets[0].url], {}, None
         if sc.relay in ("bare", "bare-pull"):
             mode = "core" if sc.source == "core" else "jetstream" if sc.relay == "bare" else "jetstream-pull"
             argv = [sys.executable, "-m", "bench.relay", mode]
@@ -547,7 +551,7 @@ class Rig:
         # sampler only, in non-blocking mode: two, or pausing the process, would slow it down.
         for fmt, ext in (("raw", "txt"),):
             out = RESULTS / f"py-spy-{sc.key}.{ext}"
-            argv = [str(spy), "record", "--nonblocking", "--pid", str(pid), "--rate", "250"]
+            argv = [str(spy), "record", "--nonblocking", "--idle", "--pid", str(pid), "--rate", "250"]
             argv += ["--format", fmt, "-o", str(out)]
             outs.append(spawn(argv, log=log))
             self.procs.append(outs[-1])
