@@ -869,8 +869,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a CI timeout, kill) stops the bench as Ctrl-C does: through every finally.
+    signal.signal(signal.SIGTERM, _interrupt)
     order = args.scenarios.split(",")
     started = time.monotonic()
     info = machine()
