@@ -239,10 +239,13 @@ class Rig:
         asyncio.run(self._add_stream(self.source.url, SOURCE_STREAM, storage))
 
     def close(self) -> None:
-        for proc in self.procs:
-            stop(proc, timeout=5)
-        self.arrivals.close() if hasattr(self, "arrivals") else None
-        embedded.stop_all(self.servers)
+        try:
+            for proc in self.procs:
+                stop(proc, timeout=5)
+            if hasattr(self, "arrivals"):
+                self.arrivals.close()
+        finally:
+            embedded.stop_all(self.servers)
 
     async def _add_stream(self, url: str, name: str, storage: StorageType) -> None:
         nc = await nats.connect(url)
@@ -923,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
     finally:
+        # Cleaning up now: a further Ctrl-C or SIGTERM must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rig.close()
         with contextlib.suppress(OSError):
             doc["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
