@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import nats.errors
@@ -40,10 +40,11 @@ from nats.js.api import PubAck
 
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
-from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn
-from .router import Rejection
+from .pipeline import BAD_HEADERS, TOO_LARGE, DeadLetters, RouteFn, printable
+from .router import GraceRoute, Rejection
 from .source import PARKED_ID_HEADER
 from .stats import ForwardingStats
+from .topology import GRACE_ID_HEADER, grace_ids
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 NO_STREAM = "no_stream"  # a dead-letter reason: a JetStream target has no stream for the subject
@@ -98,12 +99,17 @@ class Lane:
         self.acks = acks
         self.stats = stats
         self.timeout = timeout
-        self.log = RateLimitedLogger(get_logger(cluster=name))
+        self.log = RateLimitedLogger(get_logger(**self.log_context(name)))
         self._batch: list[Any] = []
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.confirming = 0  # messages in the batch being confirmed right now
+
+    @staticmethod
+    def log_context(name: str) -> dict[str, str]:
+        """What every log line of this lane carries: a cluster lane names its cluster."""
+        return {"lane": name}
 
     @property
     def waiting(self) -> int:
@@ -154,7 +160,9 @@ class Lane:
     async def _refuse(self, msg: Msg, why: str) -> None:
         """Transient failure: negatively acknowledge with the back-off; it comes back later."""
         delay = self.acks.backoff(msg)
-        self.log.warning("redelivery_scheduled", why, cluster=self.name, reason=why, delay=delay)
+        self.log.warning(
+            "redelivery_scheduled", why, reason=why, delay=delay, subject=printable(msg.subject)[:200]
+        )
         await self.acks.nak(msg, delay)
 
 
@@ -186,6 +194,10 @@ class DeadLetterLane(Lane):
 class ClusterLane(Lane):
     """A core target: published into the connection's buffer, confirmed by one flush per batch."""
 
+    @staticmethod
+    def log_context(name: str) -> dict[str, str]:
+        return {"cluster": name}
+
     def __init__(
         self,
         cluster: NatsCluster,
@@ -204,12 +216,26 @@ class ClusterLane(Lane):
         if not cluster.connected:
             await self._unavailable(msg)
             return
-        try:
-            await cluster.publish(subject, msg.data, msg.headers)
-        except Exception as exc:
-            await self._publish_failed(msg, exc)
-            return
+        headers = msg.headers
+        if headers is not None or not cluster.try_publish(subject, msg.data):
+            try:
+                await cluster.publish(subject, msg.data, headers)
+            except Exception as exc:
+                await self._publish_failed(msg, exc)
+                return
         self._enqueue(msg)
+
+    async def copy(self, msg: Msg, subject: str) -> None:
+        """A grace-window copy for subscribers still on this (old) cluster: best effort,
+        never holding up the acknowledgement, which belongs to the asset's new cluster."""
+        try:
+            await self.cluster.publish(subject, msg.data, self._copy_headers(msg))
+            self.cluster.grace_publishes += 1
+        except Exception:
+            self.cluster.publish_errors += 1
+
+    def _copy_headers(self, msg: Msg) -> dict[str, str] | None:
+        return msg.headers
 
     async def _confirm(self, batch: list[Any]) -> None:
         try:
@@ -240,10 +266,13 @@ class ClusterLane(Lane):
         await super()._refuse(msg, why)
 
     async def _publish_failed(self, msg: Msg, exc: Exception) -> None:
+        name = self.name
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
-            await self.dead.submit(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
+            await self.dead.submit(
+                msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
+            )
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self.dead.submit(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name))
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError | TimeoutError):
             self.cluster.publish_errors += 1
             await self._retry_later(msg, f"publish failed: {type(exc).__name__}")
@@ -253,6 +282,9 @@ class ClusterLane(Lane):
 
 class JetStreamLane(ClusterLane):
     """A JetStream target: asynchronous publishes with ``Nats-Msg-Id``, confirmed by their PubAcks."""
+
+    def _copy_headers(self, msg: Msg) -> dict[str, str] | None:
+        return {**(msg.headers or {}), MSG_ID_HEADER: source_msg_id(msg)}
 
     async def submit(self, msg: Msg, subject: str) -> None:
         cluster = self.cluster
@@ -271,6 +303,7 @@ class JetStreamLane(ClusterLane):
     async def _confirm(self, batch: list[Any]) -> None:
         _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
         accepted: list[Msg] = []
+        duplicates = 0
         for msg, subject, future in batch:
             if future in pending:
                 future.cancel()
@@ -280,8 +313,11 @@ class JetStreamLane(ClusterLane):
                 await self._pub_ack_failed(msg, subject, future.exception())
             else:
                 accepted.append(msg)
+                # A redelivery the stream already holds: acknowledged, counted apart.
+                duplicates += bool(future.result().duplicate)
         if accepted:
-            self.cluster.forwarded += len(accepted)
+            self.cluster.forwarded += len(accepted) - duplicates
+            self.cluster.duplicates += duplicates
             await self._accepted(accepted)
 
     async def _pub_ack_failed(self, msg: Msg, subject: str, exc: BaseException | None) -> None:
@@ -291,11 +327,15 @@ class JetStreamLane(ClusterLane):
             except (TimeoutError, ClusterError, nats.errors.Error):
                 has_stream = True  # cannot tell now: treat as transient
             if not has_stream:
-                await self.dead.submit(msg, Rejection(NO_STREAM, f"no stream on cluster {self.name} for it"))
+                rejection = Rejection(
+                    NO_STREAM, f"no stream on cluster {self.name} for it", cluster=self.name
+                )
+                await self.dead.submit(msg, rejection)
                 return
         elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == MAX_PAYLOAD_API_ERROR:
             await self.dead.submit(
-                msg, Rejection(TOO_LARGE, exc.description or "larger than the stream allows")
+                msg,
+                Rejection(TOO_LARGE, exc.description or "larger than the stream allows", cluster=self.name),
             )
             return
         self.cluster.publish_errors += 1
@@ -320,6 +360,7 @@ class ParkLane(Lane):
     async def _confirm(self, batch: list[Any]) -> None:
         _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
         parked: list[Msg] = []
+        per_cluster: dict[str, int] = {}
         for msg, lane, future in batch:
             if future in pending or future.cancelled() or future.exception() is not None:
                 future.cancel()
@@ -327,46 +368,59 @@ class ParkLane(Lane):
             else:
                 lane.cluster.parked += 1
                 parked.append(msg)
+                per_cluster[lane.name] = per_cluster.get(lane.name, 0) + 1
+        for cluster, count in per_cluster.items():
+            self.log.warning("messages_parked", cluster, cluster=cluster, count=count)
         if parked:
-            self.log.warning("messages_parked", "parked", count=len(parked))
             await self.acks.ack(parked)
 
 
 class AckingPipeline:
-    """Routes each message into its target's lane; unroutable ones into the dead-letter lane."""
+    """Routes each message into its target's lane; unroutable ones into the dead-letter lane.
 
-    def __init__(
-        self,
-        route: RouteFn,
-        dead: DeadLetterLane,
-        lanes: Mapping[str, ClusterLane],
-        stats: ForwardingStats,
-        park: ParkLane | None = None,
-    ) -> None:
-        self._route = route
+    The routing (which lane serves which cluster) is handed in with ``use()``; the
+    pipeline only creates, starts and stops lanes.
+    """
+
+    def __init__(self, dead: DeadLetterLane, stats: ForwardingStats, park: ParkLane | None = None) -> None:
+        self._confirm_timeout = dead.timeout  # core targets: a flush round trip within this
+        self._route: RouteFn | None = None
         self._dead = dead
-        self.lanes = dict(lanes)
         self._stats = stats
         self._park = park
-        for lane in self.lanes.values():
-            lane.park = park
+        self._lanes: list[ClusterLane] = []
+        self._started = False
+        self._grace_id = grace_ids()
 
-    @staticmethod
-    def lanes_for(
-        clusters: Sequence[NatsCluster], acks: SourceAcks, stats: ForwardingStats, dead: DeadLetterLane
-    ) -> dict[str, ClusterLane]:
-        return {
-            c.name: (JetStreamLane if c.settings.jetstream is not None else ClusterLane)(
-                c, acks, stats, dead, c.settings.jetstream.ack_timeout if c.settings.jetstream else 5.0
-            )
-            for c in clusters
-        }
+    def use(self, route: RouteFn) -> None:
+        """Route with a new router from the next message on (a topology change)."""
+        self._route = route
+
+    def new_lane(self, cluster: NatsCluster) -> ClusterLane:
+        """A lane for ``cluster``, running if the pipeline runs."""
+        kind = JetStreamLane if cluster.settings.jetstream is not None else ClusterLane
+        timeout = (
+            cluster.settings.jetstream.ack_timeout if cluster.settings.jetstream else self._confirm_timeout
+        )
+        lane = kind(cluster, self._dead.acks, self._stats, self._dead, timeout)
+        lane.park = self._park
+        self._lanes.append(lane)
+        if self._started:
+            lane.start()
+        return lane
+
+    async def retire(self, lanes: Sequence[ClusterLane]) -> None:
+        """Stop lanes that no route leads to any more, once their batches are confirmed."""
+        for lane in lanes:
+            self._lanes.remove(lane)
+        await asyncio.gather(*(lane.stop() for lane in lanes))
 
     def start(self) -> None:
+        self._started = True
         self._dead.start()
         if self._park is not None:
             self._park.start()
-        for lane in self.lanes.values():
+        for lane in self._lanes:
             lane.start()
 
     async def stop(self) -> None:
@@ -374,7 +428,7 @@ class AckingPipeline:
 
         Cluster lanes first: while they finish they may still park or dead-letter.
         """
-        await asyncio.gather(*(lane.stop() for lane in self.lanes.values()))
+        await asyncio.gather(*(lane.stop() for lane in self._lanes))
         if self._park is not None:
             await self._park.stop()
         await self._dead.stop()
@@ -399,17 +453,25 @@ class AckingPipeline:
         return replay
 
     async def dispatch(self, msg: Any) -> None:
-        route = self._route(msg.subject, msg.headers, msg.data)
+        assert self._route is not None, "use() a router before consuming"
+        route: Any = self._route(
+            msg.subject, msg.headers, msg.data
+        )  # (target, subject) | GraceRoute | Rejection
         if route.__class__ is tuple:
             lane, subject = route
             await lane.submit(msg, subject)
+        elif route.__class__ is GraceRoute:
+            lane, subject, old = route
+            msg.headers = {**(msg.headers or {}), GRACE_ID_HEADER: self._grace_id()}
+            await lane.submit(msg, subject)
+            await old.copy(msg, subject)
         else:
-            await self._dead.submit(msg, route)  # type: ignore[arg-type]
+            await self._dead.submit(msg, route)
 
 
 class UnaccountedAckingPipeline(AckingPipeline):
-    """``AckingPipeline`` without the per-message count: ``FORWARDER_ACCOUNTING=off`` (benchmark only;
-    the latency histogram is switched off by the service, per batch)."""
+    """``AckingPipeline`` without the per-message count: ``FORWARDER_ACCOUNTING=off`` (benchmark
+    only; the service switches the latency histogram off, which is updated per batch)."""
 
     async def handle(self, msg: Any) -> None:
         await self.dispatch(msg)

@@ -1,4 +1,4 @@
-"""``forwarder``: run, demo, route, check-config, produce.
+"""``forwarder``: run, demo, route, check-config, produce, watch.
 
 A thin layer: it maps options onto the config and hands over to the server, the
 demo or the ring. Exit codes: 0 success, 2 usage or config error (one line on
@@ -8,14 +8,15 @@ stderr naming the file and key), 1 anything else that failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 from . import __version__
 from .config import ConfigError, Settings, load_config
-from .hashring import CachedRing, build_ring
+from .hashring import CachedRing
 
 EXIT_USAGE = 2
 
@@ -84,21 +85,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    """Routes by the topology the forwarder follows: the bucket's when one is configured."""
     settings = _load(args, require_files=False)
-    ring = build_ring(
-        settings.routing.hashing.algorithm,
-        {c.name: c.weight for c in settings.clusters},
-        replicas=settings.routing.hashing.replicas,
-    )
-    if args.stdin:
-        return route_stream(
-            CachedRing(ring, settings.routing.cache_size), sys.stdin.buffer, sys.stdout.buffer
-        )
-    if not args.assets:
+    if not args.stdin and not args.assets:
         _fail("route: name at least one ASSET, or use --stdin")
-    for asset in args.assets:
-        print(f"{asset}\t{ring.cluster_for(asset)}")
-    return 0
+
+    async def route(store: Any) -> int:
+        topology, _ = await _current(settings, store)
+        ring = topology.ring
+        if args.stdin:
+            return route_stream(
+                CachedRing(ring, settings.routing.cache_size), sys.stdin.buffer, sys.stdout.buffer
+            )
+        bad = 0
+        for asset in args.assets:
+            try:
+                asset.encode("utf-8")
+            except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+                bad += 1
+                shown = asset.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                print(f"forwarder: {shown}: asset id is not valid UTF-8, skipped", file=sys.stderr)
+                continue
+            print(f"{asset}\t{ring.cluster_for(asset)}")
+        return 1 if bad else 0
+
+    return _run_topology(settings, route)
 
 
 def route_stream(ring: CachedRing, lines: IO[bytes], out: IO[bytes]) -> int:
@@ -123,6 +134,171 @@ def route_stream(ring: CachedRing, lines: IO[bytes], out: IO[bytes]) -> int:
     out.write(b"".join(chunk))
     out.flush()
     return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------- topology
+
+
+def _new_topology(path: str, current: Any) -> Any:
+    """A topology file (algorithm, replicas, clusters) or a forwarder config, as the next version."""
+    import yaml
+
+    from .topology import Topology, TopologyError
+
+    try:
+        with open(path, "rb") as fh:
+            doc = yaml.safe_load(fh.read(1024 * 1024 + 1))
+    except OSError as exc:
+        _fail(f"{path}: cannot read the file ({exc.strerror or exc})")
+    except yaml.YAMLError as exc:
+        _fail(f"{path}: YAML error: {str(exc).splitlines()[0]}")
+    if isinstance(doc, dict) and "source" in doc:
+        try:
+            return Topology.from_settings(load_config(path, require_files=False), version=current.version + 1)
+        except ConfigError as exc:
+            _fail(str(exc))
+    if isinstance(doc, dict) and isinstance(doc.get("routing"), dict) and "clusters" in doc:
+        hashing = doc["routing"].get("hashing") or {}
+        doc = {
+            "clusters": doc["clusters"],
+            **{k: hashing[k] for k in ("algorithm", "replicas") if k in hashing},
+        }
+    if not isinstance(doc, dict):
+        _fail(f"{path}: a topology file is a mapping with clusters (and algorithm, replicas)")
+    doc = {k: v for k, v in doc.items() if k != "version"}
+    try:
+        return Topology.from_mapping(doc, version=current.version + 1)
+    except TopologyError as exc:
+        _fail(f"{path}: {exc}")
+
+
+async def _with_store(settings: Settings, action: Any) -> int:
+    """Run ``action(store)`` on the topology bucket over the source connection (one attempt)."""
+    from nats.aio.client import Client
+
+    from .natsconn import ConnectionEvents, ConnectionStats, connect_options
+    from .topology_store import StoreError, TopologyStore
+
+    assert settings.topology.kv_bucket is not None
+    events = ConnectionEvents(ConnectionStats("source"), kind="connection")
+    opts = connect_options(settings.source.connection, events)
+    opts.update(allow_reconnect=False, max_reconnect_attempts=0)
+
+    async def quiet(*_: Any) -> None:
+        """The CLI reports failures in one line itself; connection events are not news here."""
+
+    opts.update(error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet)
+    nc = Client()
+    try:
+        await nc.connect(**opts)
+    except Exception as exc:
+        _fail(f"{settings.file}: source.servers: cannot connect to the source ({type(exc).__name__})")
+    try:
+        return int(await action(TopologyStore(nc, settings.topology.kv_bucket)))
+    except StoreError as exc:
+        _fail(f"{settings.file}: topology.kv_bucket: {exc}")
+    finally:
+        await nc.close()
+
+
+async def _current(settings: Settings, store: Any) -> tuple[Any, int | None]:
+    """The topology routing follows now: the bucket's (with its revision) or the file's."""
+    from .topology import Topology
+
+    if store is None:
+        return Topology.from_settings(settings), None
+    stored = await store.read()
+    if stored is None:
+        return Topology.from_settings(settings), 0
+    return stored.topology, stored.revision
+
+
+def _run_topology(settings: Settings, action: Any) -> int:
+    import asyncio
+
+    if settings.topology.kv_bucket is None:
+        return int(asyncio.run(action(None)))
+    return asyncio.run(_with_store(settings, action))
+
+
+def cmd_topology_show(args: argparse.Namespace) -> int:
+    settings = _load(args, require_files=False)
+
+    async def show(store: Any) -> int:
+        topology, revision = await _current(settings, store)
+        where = f"bucket {settings.topology.kv_bucket}" if store is not None else f"file {settings.file}"
+        if revision == 0:
+            where += " (empty: the forwarder writes the file's topology at start)"
+        if args.json:
+            print(json.dumps({**topology.to_mapping(), "from": where, "revision": revision}, indent=2))
+            return 0
+        print(f"topology version {topology.version} ({topology.algorithm}) from {where}")
+        shares = topology.ring.shares()
+        for name, spec in sorted(topology.clusters.items()):
+            js = " jetstream" if spec.jetstream else ""
+            servers = ", ".join(spec.servers)
+            print(f"  {name:<10} weight {spec.weight:<6g} share {shares[name]:7.2%}{js}  {servers}")
+        return 0
+
+    return _run_topology(settings, show)
+
+
+def cmd_topology_plan(args: argparse.Namespace) -> int:
+    from .topology import plan, render_plan
+
+    settings = _load(args, require_files=False)
+    assets = _read_assets(args.assets) if args.assets else None
+
+    async def show_plan(store: Any) -> int:
+        current, _ = await _current(settings, store)
+        new = _new_topology(args.new, current)
+        p = plan(current, new, assets)
+        print(json.dumps(p.to_mapping(), indent=2) if args.json else render_plan(p, current, new))
+        return 0
+
+    return _run_topology(settings, show_plan)
+
+
+def cmd_topology_apply(args: argparse.Namespace) -> int:
+    from .topology import plan, render_plan
+    from .topology_store import ConflictError
+
+    settings = _load(args, require_files=False)
+    if settings.topology.kv_bucket is None:
+        _fail(f"{settings.file}: topology.kv_bucket: is not set; apply needs the bucket (else edit the file)")
+
+    async def apply(store: Any) -> int:
+        current, revision = await _current(settings, store)
+        if not revision:
+            _fail(
+                f"{settings.file}: topology.kv_bucket: {store.bucket} has no topology yet (start a forwarder)"
+            )
+        new = _new_topology(args.new, current)
+        try:
+            new_revision = await store.apply(new, revision)
+        except ConflictError as exc:
+            print(f"forwarder: topology not applied: {exc}", file=sys.stderr)
+            return 1
+        print(render_plan(plan(current, new), current, new))
+        print(f"\napplied: version {new.version} (bucket revision {new_revision})")
+        return 0
+
+    return _run_topology(settings, apply)
+
+
+def _read_assets(path: str) -> list[str]:
+    try:
+        fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        with fh:
+            return [line.decode("utf-8", "replace").strip() for line in fh if line.strip()]
+    except OSError as exc:
+        _fail(f"{path}: cannot read the file ({exc.strerror or exc})")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .client import run_watch
+
+    return run_watch(_load(args, require_files=False), args.asset, args.subject)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -166,6 +342,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdin", action="store_true", help="read asset ids from standard input, one a line")
     p.set_defaults(func=cmd_route)
 
+    p = sub.add_parser("topology", help="show, plan or apply the live topology")
+    topo = p.add_subparsers(dest="topology_command", required=True, parser_class=_Parser)
+    t = topo.add_parser("show", help="the current topology and its version (the bucket's, or the file's)")
+    with_config(t)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_topology_show)
+    t = topo.add_parser("plan", help="what a new topology would move (no change is made)")
+    with_config(t)
+    t.add_argument("new", metavar="NEW.yaml", help="the new topology (or a forwarder config)")
+    t.add_argument(
+        "--assets", metavar="FILE", help="asset ids, one a line ('-': stdin): list exactly which move"
+    )
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_topology_plan)
+    t = topo.add_parser(
+        "apply", help="write a new topology to the bucket (compare-and-set) and print the plan"
+    )
+    with_config(t)
+    t.add_argument("new", metavar="NEW.yaml", help="the new topology (or a forwarder config)")
+    t.set_defaults(func=cmd_topology_apply)
+    p = sub.add_parser("watch", help="print an asset's messages as they arrive, following moves")
+    with_config(p)
+    p.add_argument("asset", metavar="ASSET")
+    p.add_argument("--subject", default=None, help="subject to read (default: derived from the config)")
+    p.set_defaults(func=cmd_watch)
+
     p = sub.add_parser("demo", help="run the forwarder on embedded NATS servers with synthetic assets")
     p.add_argument("--config", default=None, help="demo config (default: config/demo.yaml)")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
@@ -193,6 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``forwarder route --stdin ... | head``): stop quietly, and
+        # point stdout at /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,6 +122,12 @@ class JetStreamSourceSettings:
     park_stream: str | None = "FORWARDER_PARKED"
     park_prefix: str = "forwarder.parked"
 
+    @property
+    def confirm_timeout(self) -> float:
+        """How long a batch may wait for its confirmation: well inside ack_wait, so that a
+        message is not redelivered while the first delivery is still being confirmed."""
+        return min(5.0, self.ack_wait / 2)
+
 
 @dataclass(frozen=True)
 class SourceSettings:
@@ -185,6 +191,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TopologySettings:
+    """Live topology: kept in a key-value bucket on the source connection (None: the file only)."""
+
+    kv_bucket: str | None = None
+    grace: float = 30.0  # seconds a moved asset is published to its old cluster too
+    apply_timeout: float = 30.0  # seconds to connect new clusters before a version is refused
+    poll_interval: float = 10.0  # seconds between reads of the bucket, behind the watch
+
+
+@dataclass(frozen=True)
 class FileRef:
     """A file that the config names (credentials, certificates): checked at start-up."""
 
@@ -202,6 +218,7 @@ class Settings:
     log: LogSettings = LogSettings()
     shutdown_timeout: float = 15.0
     workers: int = 1
+    topology: TopologySettings = TopologySettings()
     file_refs: tuple[FileRef, ...] = ()
 
     def cluster(self, name: str) -> ClusterSettings:
@@ -507,6 +524,19 @@ class _Loader:
         source = self.source(top.section("source", required=True))  # type: ignore[arg-type]
         routing = self.routing(top.section("routing") or _Section(self, {}, "routing"), source)
         clusters = self.clusters(top)
+        js = source.jetstream
+        for cluster in clusters:
+            if (
+                js is not None
+                and cluster.jetstream is not None
+                and cluster.jetstream.ack_timeout >= js.ack_wait
+            ):
+                raise ConfigError(
+                    self.shown,
+                    f"clusters.{cluster.name}.jetstream.ack_timeout",
+                    f"must be shorter than source.jetstream.ack_wait ({js.ack_wait:g}): a message would be "
+                    "redelivered while its PubAck is still awaited",
+                )
         if routing.hashing.algorithm == "openfactory":
             for cluster in clusters:
                 if cluster.weight_set:
@@ -532,6 +562,7 @@ class _Loader:
             ),
             shutdown_timeout=top.number("shutdown_timeout", 15.0, exclusive_minimum=0),
             workers=top.number("workers", 1, integer=True, minimum=1),
+            topology=self.topology(top.section("topology")),
             file_refs=tuple(self.file_refs),
         )
         if settings.http.port > 65535:
@@ -539,6 +570,20 @@ class _Loader:
         http.done()
         log.done()
         top.done()
+        return settings
+
+    def topology(self, sec: _Section | None) -> TopologySettings:
+        if sec is None:
+            return TopologySettings()
+        settings = TopologySettings(
+            kv_bucket=sec.text("kv_bucket", None),
+            grace=sec.number("grace", 30.0, minimum=0),
+            apply_timeout=sec.number("apply_timeout", 30.0, exclusive_minimum=0),
+            poll_interval=sec.number("poll_interval", 10.0, exclusive_minimum=0),
+        )
+        if settings.kv_bucket is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", settings.kv_bucket):
+            raise sec.error("kv_bucket", f"is not a valid bucket name: {settings.kv_bucket!r}")
+        sec.done()
         return settings
 
     # ---- connections
@@ -862,8 +907,18 @@ def load_config(
     lists them. ``run`` requires them and names the first missing one.
     """
     shown = os.fspath(path)
-    env = os.environ if env is None else env
     doc = _read_yaml(Path(shown), shown)
+    return load_config_mapping(doc, shown, env, require_files=require_files)
+
+
+def load_config_mapping(
+    doc: Any, shown: str, env: Mapping[str, str] | None = None, *, require_files: bool = True
+) -> Settings:
+    """Validate a config document that is already parsed (``shown`` names it in errors).
+
+    The asset client builds one from environment variables; ``load_config`` reads a file.
+    """
+    env = os.environ if env is None else env
     if not isinstance(doc, dict):
         raise ConfigError(shown, "", f"the document must be a mapping of sections, got {_type_name(doc)}")
     settings = _Loader(shown, env).settings(doc)

@@ -6,72 +6,27 @@ Two safety nets live here because every line passes through them:
   including formatted tracebacks and lines from third-party loggers (nats-py);
 - rate limiting: an event that can repeat per message (dead letter, publish error,
   slow consumer) is logged at most once per interval per key, and the next line
-  carries ``suppressed=N``, so a flood of bad messages cannot fill a disk.
+  carries ``suppressed=N``, so a flood of bad messages cannot fill a disk. Every line
+  stands for itself plus the ``suppressed`` events before it: the number of events is
+  the number of lines plus the sum of ``suppressed``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
+from .redact import Redactor, redactor
+
+__all__ = ["RateLimitedLogger", "Redactor", "configure", "flush_rate_limited", "get_logger", "redactor"]
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_PATTERNS = (
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE), r"\1***@"),  # URL userinfo
-    (re.compile(r"\bS[UAONCPX][A-Z2-7]{56}\b"), "***"),  # NKey seeds
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "***"),  # JWTs
-)
-
-
-class Redactor:
-    """Replaces secrets in log values. Secrets are registered as they become known."""
-
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
-        self._lock = threading.Lock()
-
-    def add(self, *secrets: str | None) -> None:
-        with self._lock:
-            for secret in secrets:
-                # Very short values would redact innocent text and are no secret anyway.
-                if secret and len(secret) >= 3:
-                    self._secrets.add(secret)
-                    self._secrets.add(secret.strip())
-
-    def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        for pattern, replacement in _PATTERNS:
-            text = pattern.sub(replacement, text)
-        return text
-
-    def scrub(self, value: Any) -> Any:
-        """``value`` with secrets redacted, keeping its JSON shape (dicts, lists, numbers)."""
-        if isinstance(value, str):
-            return self.redact(value)
-        if value is None or isinstance(value, bool | int | float):
-            return value
-        if isinstance(value, dict):
-            return {str(k): self.scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.scrub(v) for v in value]
-        return self.redact(str(value))
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        # Rebuilt with timestamp, level and event first: easier to read, same JSON.
-        head = {k: event.pop(k) for k in ("timestamp", "level", "event") if k in event}
-        return {key: self.scrub(value) for key, value in (*head.items(), *event.items())}
-
-
-redactor = Redactor()
 
 
 def configure(level: str = "info", fmt: str = "json", *, secrets: Iterable[str | None] = ()) -> None:
@@ -122,10 +77,11 @@ def get_logger(**context: Any) -> Any:
 _rate_limited: weakref.WeakSet[RateLimitedLogger] = weakref.WeakSet()
 
 
-def flush_rate_limited() -> None:
-    """Report suppressed counts of every rate-limited logger (called once a second)."""
+def flush_rate_limited(*, force: bool = False) -> None:
+    """Report suppressed counts of every rate-limited logger (called once a second, and
+    with ``force`` at shutdown so that no count is lost)."""
     for limited in list(_rate_limited):
-        limited.flush()
+        limited.flush(force=force)
 
 
 class RateLimitedLogger:
@@ -161,10 +117,18 @@ class RateLimitedLogger:
     def error(self, event: str, key: str = "", **kw: Any) -> None:
         self.log("error", event, key, **kw)
 
-    def flush(self) -> None:
-        """Emit one line for every key whose interval passed with suppressed events."""
+    def flush(self, *, force: bool = False) -> None:
+        """Emit one line for every key whose interval passed with suppressed events (with
+        ``force``: every key with suppressed events).
+
+        The line is the last suppressed event (its values) and carries the number of
+        the others, so that lines plus ``suppressed`` still count every event.
+        """
         now = time.monotonic()
-        for (level, event, _key), state in self._state.items():
-            if state[1] and now - state[0] >= self._interval:
-                getattr(self._log, level)(event, **{**state[2], "suppressed": state[1]})
+        for (level, event, _key), state in list(self._state.items()):
+            if state[1] and (force or now - state[0] >= self._interval):
+                fields = {k: v for k, v in state[2].items() if k != "suppressed"}
+                if state[1] > 1:
+                    fields["suppressed"] = state[1] - 1
+                getattr(self._log, level)(event, **fields)
                 state[0], state[1] = now, 0

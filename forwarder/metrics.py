@@ -32,6 +32,8 @@ class ClusterView(Protocol):
     publish_errors: int
     redeliveries: int
     parked: int
+    grace_publishes: int
+    duplicates: int
 
     @property
     def stats(self) -> Any: ...  # natsconn.ConnectionStats
@@ -73,7 +75,9 @@ class ServiceView(Protocol):
     """What the collector reads from the running service."""
 
     stats: ForwardingStats
-    algorithm: str
+
+    @property
+    def algorithm(self) -> str: ...
 
     @property
     def source(self) -> SourceView: ...
@@ -82,6 +86,10 @@ class ServiceView(Protocol):
     def clusters(self) -> Iterable[ClusterView]: ...
 
     def ring_shares(self) -> Mapping[str, float]: ...
+
+    def topology_counts(self) -> tuple[int, int, int]:
+        """(version, changes applied, apply errors) of the live topology."""
+        ...
 
 
 class ForwarderCollector:
@@ -120,6 +128,12 @@ class ForwarderCollector:
             "redeliveries",
             "Source messages negatively acknowledged for redelivery, by target cluster.",
             [((c.name,), c.redeliveries) for c in clusters],
+            "cluster",
+        )
+        yield _counter(
+            "duplicates",
+            "JetStream targets: redelivered messages the stream already held (dropped by Nats-Msg-Id).",
+            [((c.name,), c.duplicates) for c in clusters],
             "cluster",
         )
         yield _counter(
@@ -200,6 +214,14 @@ class ForwarderCollector:
             "cluster",
         )
         yield _gauge("source_connected", "1 when the source connection is up.", [((), int(source.connected))])
+        # A source server closes a consumer that falls too far behind (its max_pending):
+        # the forwarder sees that only as a disconnect, so it must not go unseen.
+        yield _counter(
+            "source_disconnects", "Disconnects of the source connection.", [((), source.stats.disconnects)]
+        )
+        yield _counter(
+            "source_reconnects", "Reconnects of the source connection.", [((), source.stats.reconnects)]
+        )
         yield _counter("source_stalls", "Source read loops found dead and restarted.", [((), source.stalls)])
         lag = source.lag()
         if lag is not None:
@@ -214,6 +236,20 @@ class ForwarderCollector:
         )
         latency.add_metric([], hist.cumulative(), sum_value=hist.total)
         yield latency
+        version, changes, apply_errors = svc.topology_counts()
+        yield _gauge("topology_version", "The topology version routing follows.", [((), version)])
+        yield _counter("topology_changes", "Topology versions applied without a restart.", [((), changes)])
+        yield _counter(
+            "topology_apply_errors",
+            "Topology versions that could not be applied (kept the old routing).",
+            [((), apply_errors)],
+        )
+        yield _counter(
+            "grace_publishes",
+            "Copies of moved assets' messages sent to their old cluster in a grace window.",
+            [((c.name,), c.grace_publishes) for c in clusters],
+            "cluster",
+        )
         yield _gauge(
             "ring_share",
             "Share of the key space each cluster owns.",
@@ -246,13 +282,39 @@ def _gauge(name: str, doc: str, samples: Samples, *labels: str) -> Metric:
     return family
 
 
+class SampledProcessCollector:
+    """prometheus_client's process metrics (CPU, memory, open fds), sampled by ``refresh()``.
+
+    Reading them takes about ten file operations in ``/proc``; each releases the GIL,
+    and the HTTP thread that serves a scrape then waits up to a switch interval (5 ms)
+    to get it back from the busy forwarding loop: tens of milliseconds a scrape. The
+    service refreshes the sample once a second on its event loop instead (about 80 us),
+    so a scrape only copies it.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(registry=None)
+        self._sample: list[Metric] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._sample = list(self._collector.collect())
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._sample)
+
+
 class Metrics:
-    """The registry: the forwarder's collector plus the process collector (CPU, RSS, fds)."""
+    """The registry: the forwarder's collector plus the process metrics (CPU, RSS, fds)."""
 
     def __init__(self, service: ServiceView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ForwarderCollector(service))
-        ProcessCollector(registry=self.registry)
+        self.process = SampledProcessCollector()
+        self.registry.register(self.process)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

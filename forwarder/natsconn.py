@@ -9,12 +9,15 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 
 from .config import ConnectionSettings, TlsSettings, connection_secrets, redact_url
-from .logs import RateLimitedLogger, get_logger, redactor
+from .redact import redactor
+
+# ``forwarder.logs`` (structlog) is imported by ``ConnectionEvents`` only, when the service
+# makes one: the asset client uses ``connect_options`` with nats-py and pyyaml alone.
 
 
 @dataclass
@@ -35,13 +38,35 @@ class ConnectionStats:
 
 
 def header_block_size(headers: dict[str, str] | None) -> int:
-    """Bytes of the header block nats-py writes for ``headers`` (counts toward max_payload)."""
-    if not headers:
+    """Bytes of the header block nats-py writes for ``headers`` (counts toward max_payload).
+
+    nats-py's arithmetic exactly: keys and values are stripped, blank keys skipped, and
+    an empty dict (not None) still writes ``NATS/1.0\r\n\r\n``.
+    """
+    if headers is None:
         return 0
     size = 12  # "NATS/1.0\r\n" ... "\r\n"
     for key, value in headers.items():
-        size += len(key) + len(value.encode("utf-8", "surrogateescape")) + 4  # "k: v\r\n"
+        name = key.strip()
+        if name:
+            size += len(name) + len(value.strip().encode("utf-8", "surrogateescape")) + 4  # "k: v\r\n"
     return size
+
+
+async def confirmed_flush(nc: Any, timeout: float) -> None:
+    """One round trip that confirms every byte published before it.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of what still
+    waits in its buffer for the flusher task, so its PONG can confirm less than was
+    published (and a SUB still buffered may not be registered yet). Hand the buffer
+    to the socket first, as the flusher would, then flush.
+    """
+    transport = nc._transport
+    if nc.is_connected and nc._pending_data_size and transport is not None:
+        transport.writelines(nc._pending)
+        nc._pending = []
+        nc._pending_data_size = 0
+    await nc.flush(timeout=timeout)
 
 
 def read_secret_file(path: str) -> str:
@@ -75,10 +100,13 @@ class ConnectionEvents:
     """nats-py callbacks that log each event once, with the connection's label, and count it."""
 
     def __init__(self, stats: ConnectionStats, *, kind: str) -> None:
+        from .logs import RateLimitedLogger, get_logger
+
         self.stats = stats
         self.log = get_logger(**{kind: stats.label})
         self.limited = RateLimitedLogger(self.log)
         self.client: Any = None  # set once the nats-py client exists
+        self.closing = False  # set before we close on purpose: no disconnect warning then
 
     def _server(self) -> str | None:
         url = getattr(self.client, "connected_url", None)
@@ -91,7 +119,7 @@ class ConnectionEvents:
         self.log.info("connected", server=self.stats.connected_url)
 
     async def disconnected(self) -> None:
-        if self.stats.connected:
+        if self.stats.connected and not self.closing:
             self.stats.disconnects += 1
             self.log.warning("disconnected", server=self.stats.connected_url)
         self.stats.connected = False
@@ -104,7 +132,8 @@ class ConnectionEvents:
 
     async def closed(self) -> None:
         self.stats.connected = False
-        self.log.info("connection_closed")
+        if not self.closing:
+            self.log.warning("connection_closed")
 
     async def error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -131,7 +160,13 @@ def _printable(subject: Any) -> str:
     return text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:200]
 
 
-def connect_options(conn: ConnectionSettings, events: ConnectionEvents) -> dict[str, Any]:
+class EventCallbacks(Protocol):
+    """What ``connect_options`` needs from an event handler (``ConnectionEvents`` or the client's)."""
+
+    def callbacks(self) -> dict[str, Any]: ...
+
+
+def connect_options(conn: ConnectionSettings, events: EventCallbacks) -> dict[str, Any]:
     """Keyword arguments for ``nats.aio.client.Client.connect``."""
     opts: dict[str, Any] = {
         "servers": list(conn.servers),

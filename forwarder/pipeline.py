@@ -20,8 +20,9 @@ from nats.aio.msg import Msg
 from .cluster import ClusterError, MessageTooLargeError, NatsCluster
 from .logs import RateLimitedLogger, get_logger
 from .natsconn import header_block_size
-from .router import Rejection
+from .router import GraceRoute, Rejection, shown_asset
 from .stats import ForwardingStats
+from .topology import GRACE_ID_HEADER, grace_ids
 
 ERROR_HEADER = "Forwarder-Error"
 SUBJECT_HEADER = "Forwarder-Subject"
@@ -48,6 +49,12 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    data = text.encode("utf-8")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+
+
 class DeadLetters:
     """Publishes unroutable messages to the dead-letter subject, with the reason."""
 
@@ -56,15 +63,20 @@ class DeadLetters:
         self._connection = connection
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
+        # (subject, headers, payload) -> asset id: names the asset of a routed message
+        # that its cluster refused (the router's ``asset_of``; set by the service).
+        self.asset_of: Callable[[str, Mapping[str, str] | None, bytes], str | None] | None = None
 
     def build(self, msg: Msg, rejection: Rejection) -> tuple[bytes, dict[str, str]]:
         """The payload and headers of the dead letter, cut to fit the source's max_payload."""
-        original = printable(msg.subject)
-        headers: dict[str, str] = dict(msg.headers or {})
-        headers[ERROR_HEADER] = rejection.header()[:512]
-        headers[SUBJECT_HEADER] = original[:1024]
         payload = msg.data
         limit = self._connection.max_payload or 1024 * 1024
+        # Our two headers stay well inside the limit however small it is: in bytes, cut at
+        # a character boundary (a subject may be long and not ASCII).
+        budget = max(64, min(1024, limit // 8))
+        headers: dict[str, str] = dict(msg.headers or {})
+        headers[ERROR_HEADER] = cut_utf8(rejection.header(), budget // 2)
+        headers[SUBJECT_HEADER] = cut_utf8(printable(msg.subject), budget)
         if header_block_size(headers) + len(payload) > limit:
             truncated_note = {TRUNCATED_HEADER: str(len(payload))}
             if header_block_size(headers | truncated_note) > limit // 2:
@@ -78,12 +90,22 @@ class DeadLetters:
         """Publish the dead letter (buffered); False if even that failed (counted, logged)."""
         self._stats.dead_lettered[rejection.reason] += 1
         payload, headers = self.build(msg, rejection)
+        context: dict[str, str] = {}
+        asset = rejection.asset
+        if asset is None and rejection.cluster is not None and self.asset_of is not None:
+            found = self.asset_of(msg.subject, msg.headers, msg.data)
+            asset = shown_asset(found) if found is not None else None
+        if asset is not None:
+            context["asset"] = asset
+        if rejection.cluster is not None:
+            context["cluster"] = rejection.cluster
         self._log.warning(
             "dead_letter",
             rejection.reason,
             reason=rejection.reason,
             detail=rejection.detail,
             subject=printable(msg.subject)[:200],
+            **context,
         )
         try:
             await self._connection.publish(self.subject, payload, headers)
@@ -94,14 +116,26 @@ class DeadLetters:
         return True
 
 
+def _no_route(subject: str, headers: Mapping[str, str] | None, payload: bytes) -> Rejection:
+    raise RuntimeError("use() a router before consuming")
+
+
 class CorePipeline:
     """At-most-once forwarding: route, publish into the target's buffer, count."""
 
-    def __init__(self, route: RouteFn, dead_letters: DeadLetters, stats: ForwardingStats) -> None:
-        self._route = route
+    def __init__(self, dead_letters: DeadLetters, stats: ForwardingStats) -> None:
+        self._route: RouteFn = _no_route
+        self._route_subject: Callable[[str], Any] | None = None
         self._dead_letters = dead_letters
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
+        self._grace_id = grace_ids()
+
+    def use(self, route: RouteFn, route_subject: Callable[[str], Any] | None = None) -> None:
+        """Route with this router from the next message on (at start, and at a topology change).
+
+        ``route_subject``: the router's per-subject shortcut, when the key is in the subject."""
+        self._route, self._route_subject = route, route_subject
 
     def start(self) -> None:
         """Nothing runs beside the handler in at-most-once mode."""
@@ -113,28 +147,60 @@ class CorePipeline:
         stats = self._stats
         stats.received += 1
         data = msg.data
-        route = self._route(msg.subject, msg.headers, data)
+        headers = msg.headers
+        by_subject = self._route_subject
+        route: Any = (
+            by_subject(msg.subject) if by_subject is not None else self._route(msg.subject, headers, data)
+        )
         if route.__class__ is not tuple:
-            await self._dead_letters.send(msg, route)  # type: ignore[arg-type]
+            if route.__class__ is GraceRoute:
+                await self._publish_twice(msg, route)
+            else:
+                await self._dead_letters.send(msg, route)
             return
         cluster, subject = route
-        try:
-            await cluster.publish(subject, data, msg.headers)
-        except Exception as exc:
-            await self._failed(msg, cluster, exc)
-            return
+        if headers is not None or not cluster.try_publish(subject, data):
+            try:
+                await cluster.publish(subject, data, headers)
+            except Exception as exc:
+                await self._failed(msg, cluster, exc)
+                return
         cluster.forwarded += 1
         stats.latency.observe(time.perf_counter() - msg.received_at)
 
+    async def _publish_twice(self, msg: Any, route: GraceRoute) -> None:
+        """A moved asset in a grace window: its new cluster and, as a courtesy to subscribers
+        still there, its old one; both copies carry the same ``Forwarder-Grace-Id``."""
+        cluster, subject, old = route
+        headers = {**(msg.headers or {}), GRACE_ID_HEADER: self._grace_id()}
+        try:
+            await cluster.publish(subject, msg.data, headers)
+        except Exception as exc:
+            await self._failed(msg, cluster, exc)
+        else:
+            cluster.forwarded += 1
+            self._stats.latency.observe(time.perf_counter() - msg.received_at)
+        try:
+            await old.publish(subject, msg.data, headers)
+            old.grace_publishes += 1
+        except Exception:
+            old.publish_errors += 1
+
     async def _failed(self, msg: Msg, cluster: NatsCluster, exc: Exception) -> None:
+        name = cluster.name
         if isinstance(exc, MessageTooLargeError | nats.errors.MaxPayloadError):
-            await self._dead_letters.send(msg, Rejection(TOO_LARGE, str(exc) or "larger than max_payload"))
+            rejection = Rejection(TOO_LARGE, str(exc) or "larger than max_payload", cluster=name)
+            await self._dead_letters.send(msg, rejection)
         elif isinstance(exc, nats.errors.BadHeaderError | UnicodeEncodeError):
-            await self._dead_letters.send(msg, Rejection(BAD_HEADERS, "a header cannot be forwarded"))
+            await self._dead_letters.send(
+                msg, Rejection(BAD_HEADERS, "a header cannot be forwarded", cluster=name)
+            )
         elif isinstance(exc, ClusterError | nats.errors.Error | OSError):
             # At-most-once: a cluster that cannot take the message now loses it, counted.
             cluster.publish_errors += 1
-            self._log.warning("publish_failed", cluster.name, cluster=cluster.name, error=str(exc))
+            self._log.warning(
+                "publish_failed", name, cluster=name, subject=printable(msg.subject)[:200], error=str(exc)
+            )
         else:
             raise exc
 
@@ -148,12 +214,20 @@ class UnaccountedCorePipeline(CorePipeline):
 
     async def handle(self, msg: Any) -> None:
         data = msg.data
-        route = self._route(msg.subject, msg.headers, data)
+        headers = msg.headers
+        by_subject = self._route_subject
+        route: Any = (
+            by_subject(msg.subject) if by_subject is not None else self._route(msg.subject, headers, data)
+        )
         if route.__class__ is not tuple:
-            await self._dead_letters.send(msg, route)  # type: ignore[arg-type]
+            if route.__class__ is GraceRoute:
+                await self._publish_twice(msg, route)
+            else:
+                await self._dead_letters.send(msg, route)
             return
         cluster, subject = route
-        try:
-            await cluster.publish(subject, data, msg.headers)
-        except Exception as exc:
-            await self._failed(msg, cluster, exc)
+        if headers is not None or not cluster.try_publish(subject, data):
+            try:
+                await cluster.publish(subject, data, headers)
+            except Exception as exc:
+                await self._failed(msg, cluster, exc)

@@ -37,13 +37,22 @@ BAD_TARGET_SUBJECT = "bad_target_subject"
 
 
 class Rejection:
-    """Why a message cannot be routed: a short code (metric label) and a detail."""
+    """Why a message cannot be routed: a short code (metric label) and a detail.
 
-    __slots__ = ("detail", "reason")
+    ``asset`` and ``cluster`` are context for the log line where they are known (the
+    key was found; the message was routed and its cluster refused it); they take no
+    part in equality.
+    """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    __slots__ = ("asset", "cluster", "detail", "reason")
+
+    def __init__(
+        self, reason: str, detail: str, *, asset: str | None = None, cluster: str | None = None
+    ) -> None:
         self.reason = reason
         self.detail = detail
+        self.asset = asset
+        self.cluster = cluster
 
     def header(self) -> str:
         """The ``Forwarder-Error`` header value: code first, so tools can split on ':'."""
@@ -57,6 +66,14 @@ class Rejection:
 
     def __hash__(self) -> int:
         return hash((self.reason, self.detail))
+
+
+class GraceRoute(tuple):  # type: ignore[type-arg]
+    """``(target, subject, previous target)``: an asset that moved in a topology change,
+    published to its old cluster too while the grace window lasts. A distinct class, so
+    the hot path's ``route.__class__ is tuple`` test stays the only cost of the feature."""
+
+    __slots__ = ()
 
 
 Template = Callable[[str, str], str]  # (source subject, asset) -> target subject
@@ -118,10 +135,21 @@ def key_problem(key: str) -> Rejection | None:
     if not key:
         return Rejection(EMPTY_KEY, "asset id is empty")
     if not _is_utf8(key):
-        return Rejection(KEY_NOT_UTF8, "asset id is not valid UTF-8")
+        return Rejection(KEY_NOT_UTF8, "asset id is not valid UTF-8", asset=shown_asset(key))
     if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        return Rejection(KEY_TOO_LONG, f"asset id is longer than {MAX_KEY_BYTES} bytes")
+        return Rejection(
+            KEY_TOO_LONG, f"asset id is longer than {MAX_KEY_BYTES} bytes", asset=shown_asset(key)
+        )
     return None
+
+
+SHOWN_ASSET_CHARS = 200
+
+
+def shown_asset(key: str) -> str:
+    """An asset id as a log line may show it: lone surrogates (undecodable bytes, or a JSON
+    ``\\udXXX`` escape) escaped, cut to a bounded length."""
+    return key[:SHOWN_ASSET_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_utf8(text: str) -> bool:
@@ -141,20 +169,31 @@ def _is_utf8(text: str) -> bool:
 class Router(Generic[T]):
     """Route messages of one routing config to ``targets`` (cluster name -> target)."""
 
-    def __init__(self, routing: RoutingSettings, ring: Ring, targets: Mapping[str, T]) -> None:
+    def __init__(
+        self, routing: RoutingSettings, ring: Ring, targets: Mapping[str, T], *, previous: Ring | None = None
+    ) -> None:
+        """``previous``: the ring before a topology change; during the grace window an asset
+        that it places elsewhere gets a ``GraceRoute`` (its old target must be in ``targets``)."""
         self.settings = routing
         self.ring = ring
+        self.previous = previous
         self._targets = dict(targets)
         self._render = compile_template(routing.subject_template)
         self._cluster_of: ComputingCache[str, str] = ComputingCache(ring.cluster_for, routing.cache_size)
+        self._previous_of: ComputingCache[str, str] | None = (
+            ComputingCache(previous.cluster_for, routing.cache_size) if previous is not None else None
+        )
         key = routing.key
         self.route: Callable[[str, Mapping[str, str] | None, bytes], tuple[T, str] | Rejection]
+        # With the key in the subject, the whole route is a function of the subject:
+        # ``route_subject`` is then that cached function (a dict lookup on a hit) and the
+        # hot path calls it directly; None in the other key modes.
+        self.route_subject: Callable[[str], tuple[T, str] | Rejection] | None = None
         if key.kind == "subject_token":
             by_subject: ComputingCache[str, tuple[T, str] | Rejection] = ComputingCache(
                 self._route_subject, routing.cache_size
             )
-            lookup = by_subject.__getitem__
-            self._by_subject = by_subject
+            self.route_subject = lookup = by_subject.__getitem__
             self.route = lambda subject, headers, payload: lookup(subject)
         elif key.kind == "header":
             self.route = self._route_header
@@ -167,6 +206,25 @@ class Router(Generic[T]):
 
     def target(self, name: str) -> T:
         return self._targets[name]
+
+    def asset_of(self, subject: str, headers: Mapping[str, str] | None, payload: bytes) -> str | None:
+        """The asset id of a message, where it has one (no validation, no cache): for the
+        log line of a routed message that its cluster refused. Not for the hot path."""
+        key = self.settings.key
+        if key.kind == "subject_token":
+            tokens = subject.split(".")
+            return tokens[key.token] if key.token < len(tokens) else None
+        if key.kind == "header":
+            value = headers.get(key.header) if headers else None
+            return value.strip() if value is not None else None
+        if len(payload) > key.max_json_bytes:
+            return None
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        value = doc.get(key.field) if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
 
     # ---- per key mode
 
@@ -213,8 +271,17 @@ class Router(Generic[T]):
         try:
             target_subject = self._render(subject, asset)
         except IndexError as exc:
-            return Rejection(BAD_TARGET_SUBJECT, f"subject has no token {exc.args[0]} for the template")
+            return Rejection(
+                BAD_TARGET_SUBJECT,
+                f"subject has no token {exc.args[0]} for the template",
+                asset=shown_asset(asset),
+            )
         problem = subject_problem(target_subject)
         if problem is not None:
-            return Rejection(BAD_TARGET_SUBJECT, f"target subject has {problem}")
-        return self._targets[self._cluster_of[asset]], target_subject
+            return Rejection(BAD_TARGET_SUBJECT, f"target subject has {problem}", asset=shown_asset(asset))
+        name = self._cluster_of[asset]
+        if self._previous_of is not None:
+            old = self._previous_of[asset]
+            if old != name and old in self._targets:
+                return GraceRoute((self._targets[name], target_subject, self._targets[old]))
+        return self._targets[name], target_subject

@@ -3,6 +3,11 @@
 Shaped like uvicorn's server: ``Server.serve()`` runs startup, the main loop and
 shutdown; signal handlers only set flags (the first SIGTERM/SIGINT asks for a
 graceful exit, a second one forces it).
+
+The routing state (the topology, its clusters and the router) can change while the
+service runs (``live.py``): new clusters are connected first, then the pipeline is
+handed the new router in one assignment, and clusters that left are drain-closed
+after the grace window, once what was in flight to them is confirmed.
 """
 
 from __future__ import annotations
@@ -17,17 +22,27 @@ from . import __version__
 from .acking import AckingPipeline, DeadLetterLane, ParkLane, UnaccountedAckingPipeline
 from .cluster import NatsCluster
 from .config import Settings, redact_url
-from .hashring import build_ring
-from .http import HttpServer
+from .http import HttpServer, HttpThread
+from .live import ApplyError, Finish, TopologyManager
 from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
 from .pipeline import CorePipeline, DeadLetters, UnaccountedCorePipeline
 from .router import Router
 from .source import CoreSource, JetStreamSource, UnstampedSourceClient
 from .stats import ForwardingStats, NullLatencyHistogram, accounting_enabled
+from .topology import Topology, cluster_settings
 
 HOUSEKEEPING_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 1.0
+# /healthz answers 503 when the event loop has not turned for this long: the HTTP
+# server runs on a thread of its own, so answering no longer proves that the
+# forwarding works.
+LOOP_STALL_SECONDS = 10.0
 STARTUP_CLUSTER_WAIT = 10.0  # how long the source waits for clusters before consuming anyway
+
+
+async def _nothing_to_finish(grace: float) -> None:
+    """A version that changed nothing but its number has no grace window."""
 
 
 class Server:
@@ -43,39 +58,41 @@ class Server:
         self.accounting = accounting_enabled()  # off only for the benchmark (stats.ACCOUNTING_ENV)
         if not self.accounting:
             self.stats.latency = NullLatencyHistogram()
-        self.algorithm: str = settings.routing.hashing.algorithm
-        self._clusters = {c.name: NatsCluster(c) for c in settings.clusters}
-        ring = build_ring(
-            self.algorithm,
-            {c.name: c.weight for c in settings.clusters},
-            replicas=settings.routing.hashing.replicas,
-        )
-        self.router: Router[Any]
         self.pipeline: CorePipeline | AckingPipeline
         if settings.source.jetstream is None:
             self._source = CoreSource(settings.source)
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, self._source, self.stats)
-            self.router = Router(settings.routing, ring, self._clusters)
             core = CorePipeline if self.accounting else UnaccountedCorePipeline
-            self.pipeline = core(self.router.route, dead_letters, self.stats)
+            self.pipeline = core(dead_letters, self.stats)
         else:
             source = JetStreamSource(settings.source)
             self._source = source
             dead_letters = DeadLetters(settings.routing.dead_letter_subject, source, self.stats)
-            dead = DeadLetterLane(dead_letters, source, self.stats, timeout=5.0)
-            lanes = AckingPipeline.lanes_for(list(self._clusters.values()), source, self.stats, dead)
-            park = ParkLane(source, self.stats, timeout=5.0) if source.parking else None
-            self.router = Router(settings.routing, ring, lanes)
+            timeout = source.js.confirm_timeout
+            dead = DeadLetterLane(dead_letters, source, self.stats, timeout=timeout)
+            park = ParkLane(source, self.stats, timeout=timeout) if source.parking else None
             acking = AckingPipeline if self.accounting else UnaccountedAckingPipeline
-            self.pipeline = acking(self.router.route, dead, lanes, self.stats, park)
+            self.pipeline = acking(dead, self.stats, park)
         if not self.accounting:
             self._source.client_class = UnstampedSourceClient
+        self._dead_letters = dead_letters
+        self.topology = Topology.from_settings(settings)
+        self._clusters: dict[str, NatsCluster] = {}
+        self._lanes: dict[str, Any] = {}  # JetStream source: the lane of each cluster
+        self._leaving: dict[str, NatsCluster] = {}  # left the topology; closed when the grace ends
+        self.router: Router[Any]
+        self._install(self.topology, self._new_clusters(self.topology, self.topology.clusters))
+        self.live = TopologyManager(settings.topology, self) if settings.topology.kv_bucket else None
         self._metrics = Metrics(self)
-        self.http = HttpServer(settings.http.host, settings.http.port, self, unix_path=http_socket)
+        self.http = HttpThread(
+            HttpServer(settings.http.host, settings.http.port, self, unix_path=http_socket)
+        )
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._switching = asyncio.Lock()
+        self.loop_heartbeat = time.monotonic()  # the event loop's last turn, for /healthz
 
-    # ---- what metrics and HTTP read
+    # ---- what metrics and HTTP read (from the HTTP thread: plain reads only)
 
     @property
     def source(self) -> CoreSource:
@@ -83,21 +100,41 @@ class Server:
 
     @property
     def clusters(self) -> Iterable[NatsCluster]:
-        return self._clusters.values()
+        """Every cluster with a connection: the topology's, and those leaving it."""
+        return [
+            *self._clusters.values(),
+            *(c for c in self._leaving.values() if c.name not in self._clusters),
+        ]
+
+    @property
+    def algorithm(self) -> str:
+        return self.topology.algorithm
 
     def ring_shares(self) -> Mapping[str, float]:
         return self.router.ring.shares()
 
+    def topology_counts(self) -> tuple[int, int, int]:
+        live = self.live
+        return self.topology.version, live.changes if live else 0, live.apply_errors if live else 0
+
     def metrics(self) -> bytes:
         return self._metrics.render()
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        silent = time.monotonic() - self.loop_heartbeat
+        if silent > LOOP_STALL_SECONDS:
+            return False, {"status": "stalled", "event_loop_silent_seconds": round(silent, 1)}
+        return True, {"status": "ok"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         problems: dict[str, str] = {}
         if not self._source.subscribed:
             problems["source"] = self._why_down("not subscribed", self._source.stats.last_error)
-        for cluster in self.clusters:
+        for cluster in self._clusters.values():
             if not cluster.connected:
                 problems[cluster.name] = self._why_down("not connected", cluster.stats.last_error)
+        if self.live is not None and self.live.problem:
+            problems["topology"] = self.live.problem
         if self.should_exit:
             problems["service"] = "shutting down"
         body: dict[str, Any] = {"ready": not problems}
@@ -110,12 +147,116 @@ class Server:
         return f"{state}: {last_error}" if last_error else state
 
     def route(self, asset: str) -> dict[str, Any]:
-        name = self.router.cluster_for(asset)
-        servers = self.settings.cluster(name).connection.servers
-        return {"asset": asset, "cluster": name, "servers": [redact_url(u) for u in servers]}
+        # One snapshot of the topology (the HTTP thread may run during a switch), and its
+        # ring itself (pure, immutable), not the router's cache that the hot path fills.
+        topology = self.topology
+        name = topology.ring.cluster_for(asset)
+        return {
+            "asset": asset,
+            "cluster": name,
+            "servers": [redact_url(u) for u in topology.clusters[name].servers],
+            "topology_version": topology.version,
+        }
 
     def clusters_state(self) -> dict[str, Any]:
-        return {"clusters": {c.name: c.snapshot() for c in self.clusters}, "source": self._source.describe()}
+        return {
+            "clusters": {c.name: c.snapshot() for c in self._clusters.values()},
+            "leaving": sorted(self._leaving),
+            "topology_version": self.topology.version,
+            "source": self._source.describe(),
+        }
+
+    # ---- the routing state
+
+    def _new_clusters(self, topology: Topology, names: Iterable[str]) -> dict[str, NatsCluster]:
+        return {n: NatsCluster(cluster_settings(n, topology.clusters[n], self.settings)) for n in names}
+
+    def _install(
+        self,
+        topology: Topology,
+        clusters: dict[str, NatsCluster],
+        previous: Topology | None = None,
+        leaving: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Route by ``topology`` from the next message on: one assignment in the pipeline.
+
+        With ``previous``, an asset that it placed on another cluster gets a grace route;
+        ``leaving`` holds the targets of clusters that are no longer in the topology, kept
+        for those routes. Returns the lanes that no route leads to any more.
+        """
+        targets: dict[str, Any]
+        displaced: list[Any] = []
+        if isinstance(self.pipeline, AckingPipeline):
+            lanes = {
+                name: lane if (lane := self._lanes.get(name)) is not None and lane.cluster is c
+                else self.pipeline.new_lane(c)
+                for name, c in clusters.items()
+            }  # fmt: skip
+            displaced = [lane for name, lane in self._lanes.items() if lanes.get(name) is not lane]
+            displaced = [lane for lane in displaced if lane not in (leaving or {}).values()]
+            self._lanes = lanes
+            targets = {**(leaving or {}), **lanes}
+        else:
+            targets = {**(leaving or {}), **clusters}
+        self.router = Router(
+            self.settings.routing, topology.ring, targets, previous=previous.ring if previous else None
+        )
+        self._dead_letters.asset_of = self.router.asset_of
+        if isinstance(self.pipeline, AckingPipeline):
+            self.pipeline.use(self.router.route)
+        else:
+            self.pipeline.use(self.router.route, self.router.route_subject)
+        self.topology = topology
+        self._clusters = clusters
+        return displaced
+
+    async def switch_topology(self, new: Topology, timeout: float) -> Finish:
+        """Connect what is new and switch routing; the returned step ends the grace window.
+
+        Raises ``ApplyError`` when a new cluster stays unreachable: then nothing changed
+        and the connections opened for the new version are closed again.
+        """
+        async with self._switching:
+            old = self.topology
+            if new.same_routing(old):
+                self.topology = new
+                return _nothing_to_finish
+            changed = [n for n, spec in new.clusters.items() if old.clusters.get(n) != spec]
+            fresh = self._new_clusters(new, changed)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(c.connect() for c in fresh.values())), timeout)
+            except Exception as exc:  # a timeout, or a cluster refused: the old routing stays
+                down = sorted(n for n, c in fresh.items() if not c.connected) or sorted(fresh)
+                await asyncio.gather(*(c.close() for c in fresh.values()), return_exceptions=True)
+                raise ApplyError(new.version, down, exc) from None
+            clusters = {n: fresh.get(n) or self._clusters[n] for n in new.clusters}
+            leaving_clusters = [c for n, c in self._clusters.items() if clusters.get(n) is not c]
+            removed = set(old.clusters) - set(new.clusters)
+            current = self._lanes if isinstance(self.pipeline, AckingPipeline) else self._clusters
+            leaving = {n: current[n] for n in removed}
+            self._leaving = {c.name: c for c in leaving_clusters}
+            displaced = self._install(new, clusters, previous=old, leaving=leaving)
+            self.log.info(
+                "topology_switched", version=new.version, previous=old.version,
+                added=sorted(set(new.clusters) - set(old.clusters)), removed=sorted(removed),
+            )  # fmt: skip
+            await self._consume_parked(list(fresh))
+
+        async def finish(grace: float) -> None:
+            """After ``grace``: plain routes, then let go of what left."""
+            if grace > 0:
+                await self._until_exit(asyncio.sleep(grace))
+            async with self._switching:
+                retired = displaced + self._install(new, clusters)
+                if isinstance(self.pipeline, AckingPipeline):
+                    await self.pipeline.retire(retired)
+                for cluster in leaving_clusters:
+                    await cluster.close()
+                    self.log.info("cluster_retired", cluster=cluster.name)
+                self._leaving = {}
+                self.log.info("grace_ended", version=new.version)
+
+        return finish
 
     # ---- lifecycle
 
@@ -151,6 +292,7 @@ class Server:
             self._exit_event.set()
         if install_signals:
             self.install_signal_handlers()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat(), name="heartbeat"))
         try:
             await self.startup()
             await self.main_loop()
@@ -175,6 +317,17 @@ class Server:
             self.log.warning("accounting_disabled", reason="FORWARDER_ACCOUNTING=off: metrics stay at zero")
         await self.http.start()
         loop = asyncio.get_running_loop()
+        if self.live is not None:
+            # The bucket's topology wins over the file's (which only fills an empty bucket).
+            await self._until_exit(self._source.connect())
+            if self.should_exit:
+                return
+            stored = await self.live.bootstrap(self._source.client, self.topology)
+            if not stored.same_routing(self.topology):
+                unused = self._install(stored, self._new_clusters(stored, stored.clusters))
+                if isinstance(self.pipeline, AckingPipeline):
+                    await self.pipeline.retire(unused)
+            self.topology = stored
         connects = [loop.create_task(c.connect()) for c in self.clusters]
         self._tasks += connects
         # Consume only once every cluster can take messages, or after a bounded wait:
@@ -184,13 +337,21 @@ class Server:
             return
         self.pipeline.start()
         await self._until_exit(self._source.start(self.pipeline.handle))
-        if isinstance(self._source, JetStreamSource) and self._source.parking:
-            assert isinstance(self.pipeline, AckingPipeline)
-            for name in self._clusters:
-                await self._until_exit(self._source.consume_parked(name, self.pipeline.replayer(name)))
+        await self._consume_parked(list(self._clusters))
+        if self.live is not None and not self.should_exit:
+            self._tasks.append(loop.create_task(self.live.run(), name="topology"))
         if not self.should_exit:
             self.started.set()
-            self.log.info("forwarder_started", http_port=self.http.port)
+            self.log.info(
+                "forwarder_started", http_port=self.http.port, topology_version=self.topology.version
+            )
+
+    async def _consume_parked(self, names: list[str]) -> None:
+        """Replay parked messages of these clusters (JetStream source with parking)."""
+        if isinstance(self._source, JetStreamSource) and self._source.parking:
+            assert isinstance(self.pipeline, AckingPipeline)
+            for name in names:
+                await self._until_exit(self._source.consume_parked(name, self.pipeline.replayer(name)))
 
     async def _until_exit(self, aw: Any) -> None:
         """Await ``aw`` unless an exit is requested first (then it is cancelled)."""
@@ -205,6 +366,11 @@ class Server:
         elif task.exception() is not None:
             raise task.exception()
 
+    async def _heartbeat(self) -> None:
+        while True:
+            self.loop_heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
     async def main_loop(self) -> None:
         assert self._exit_event is not None
         while not self.should_exit:
@@ -214,9 +380,11 @@ class Server:
                 await self.housekeeping()
 
     async def housekeeping(self) -> None:
-        """Once a second: notice a dead source read loop; report suppressed log lines."""
+        """Once a second: notice a dead source read loop; report suppressed log lines;
+        sample the process metrics."""
         await self._source.check()
         flush_rate_limited()
+        self._metrics.process.refresh()
 
     async def shutdown(self) -> None:
         """Stop consuming, finish in-flight messages, flush, drain-close everything."""
@@ -241,6 +409,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.close()
+        flush_rate_limited(force=True)  # what a flood suppressed in its last seconds
         self.log.info(
             "forwarder_stopped",
             received=self.stats.received,

@@ -28,7 +28,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, RetentionPolicy, StreamConfig
 
 from .config import JetStreamSourceSettings, SourceSettings
-from .natsconn import ConnectionEvents, ConnectionStats, connect_options
+from .natsconn import ConnectionEvents, ConnectionStats, confirmed_flush, connect_options
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
 
@@ -118,6 +118,13 @@ class CoreSource:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def client(self) -> SourceClient:
+        """The source connection (for the topology bucket, which lives there too)."""
+        if self.nc is None:
+            raise ConnectionError("source is not connected")
+        return self.nc
+
+    @property
     def subscribed(self) -> bool:
         return self.sub is not None and self.connected
 
@@ -160,6 +167,7 @@ class CoreSource:
             pending_msgs_limit=self.settings.pending_msgs_limit,
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
+        await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
 
     async def check(self) -> None:
@@ -187,10 +195,12 @@ class CoreSource:
         await nc.publish(subject, payload, headers=headers)
 
     async def flush(self, timeout: float) -> None:
+        """Confirms what was published on the source connection (dead letters, acks, parks)."""
         if self.nc is not None and self.nc.is_connected:
-            await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
+            await confirmed_flush(self.nc, timeout)
 
     async def close(self) -> None:
+        self._events.closing = True
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -258,6 +268,7 @@ class JetStreamSource(CoreSource):
         if self.parking:
             await self._ensure_park_stream()
         self.sub = await self._consume(cfg.stream, cfg.durable, self.settings.subject, handler)
+        await confirmed_flush(self.nc, 5.0)
         self.stats.last_error = None
         self.log.info("subscribed", stream=cfg.stream, durable=cfg.durable, subject=self.settings.subject)
 

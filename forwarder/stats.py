@@ -61,9 +61,13 @@ class LatencyHistogram:
         return sum(self.counts)
 
     def cumulative(self) -> list[tuple[str, int]]:
-        """(le, cumulative count) pairs, +Inf last, as Prometheus exposes them."""
+        """(le, cumulative count) pairs, +Inf last, as Prometheus exposes them.
+
+        Reads a copy of the counts (one C-level operation): the HTTP thread calls this
+        while the event loop keeps observing.
+        """
         out, running = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+        for bound, n in zip((*self.bounds, float("inf")), self.counts[:], strict=True):
             running += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return out

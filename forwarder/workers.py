@@ -20,9 +20,11 @@ What an operator sees:
     under ``worker="supervisor"``.
   - ``/readyz``: 200 only when every worker answers ready; otherwise 503 naming each
     worker that is not (not running, restarting, or its own reasons).
-  - ``/healthz``: 200 while the supervisor runs; ``/route/{asset}``: computed by the
-    supervisor from the config (no NATS needed); ``/clusters``: ``{"workers": {"1":
-    <that worker's /clusters>, ...}}``.
+  - ``/healthz``: 200 while the supervisor runs, unless a running worker reports its
+    event loop stalled (or does not answer in time): 503, so the service is restarted
+    as a single forwarder would be. ``/route/{asset}``: a running worker's answer (the
+    routes of its live topology; the config's ring while none runs). ``/clusters``:
+    ``{"workers": {"1": <that worker's /clusters>, ...}}``.
 - **A crashed worker is restarted** with an exponential back-off (0.5 s doubling to
   30 s, back to 0.5 s once a worker stayed up for 30 s); each exit and restart is logged.
 - **SIGTERM (or SIGINT) reaches all workers**: the supervisor forwards it, every worker
@@ -396,6 +398,38 @@ class Supervisor:
             out["not_ready"] = problems
         return not problems, out
 
+    async def liveness_async(self) -> tuple[bool, dict[str, Any]]:
+        """Alive unless a running worker says its event loop stalled (503) or hangs (no answer in
+        time): then the whole service is restarted, as a single forwarder would be. A worker
+        that is starting or restarting is not a liveness problem: the supervisor handles it."""
+        stalled: dict[str, str] = {}
+
+        async def ask(worker: Worker) -> None:
+            try:
+                status, _ = await worker_get("/healthz", worker.socket)
+            except TimeoutError:
+                stalled[f"worker-{worker.index}"] = "no answer"
+                return
+            except (OSError, ValueError):
+                return  # not listening yet
+            if status != 200:
+                stalled[f"worker-{worker.index}"] = f"healthz answered {status}"
+
+        await asyncio.gather(*(ask(w) for w in self.workers if w.running))
+        if stalled:
+            return False, {"status": "stalled", "workers": stalled}
+        return True, {"status": "ok", "workers": len(self.workers)}
+
+    async def ask_any(self, target: str) -> tuple[int, bytes] | None:
+        """``target`` answered by the first running worker (the routes of its live topology)."""
+        for worker in self.workers:
+            if worker.running:
+                try:
+                    return await worker_get(target, worker.socket)
+                except (OSError, TimeoutError, ValueError):
+                    continue
+        return None
+
     def clusters_state(self) -> dict[str, Any]:
         return {"workers": {w.label: {"running": w.running} for w in self.workers}}
 
@@ -462,4 +496,11 @@ class SupervisorHttp(HttpServer):
                 return _json(200 if ready else 503, body)
             if path == "/clusters":
                 return _json(200, await self.supervisor.clusters_async())
+            if path == "/healthz":
+                alive, body = await self.supervisor.liveness_async()
+                return _json(200 if alive else 503, body)
+            if path.startswith("/route/"):
+                answer = await self.supervisor.ask_any(target)
+                if answer is not None:
+                    return answer[0], "application/json", answer[1]
         return self.respond(method, target)

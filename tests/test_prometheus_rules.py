@@ -26,7 +26,10 @@ RULES_TEST = REPO_ROOT / "deploy" / "prometheus" / "rules_test.yml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "asset-forwarder.json"
 RUNBOOK = REPO_ROOT / "docs" / "runbook.md"
 
-# The public metric contract (issue 5). A histogram also exposes _bucket/_sum/_count.
+# The public metric contract (issue 5, plus what the collector added since: parked, dead
+# letter failures, source stalls, source disconnects/reconnects, the live topology's). tests/test_metrics.py
+# checks that the collector exposes exactly these. A histogram also exposes
+# _bucket/_sum/_count.
 COUNTERS = {
     "forwarder_messages_received_total",
     "forwarder_messages_forwarded_total",
@@ -37,6 +40,15 @@ COUNTERS = {
     "forwarder_slow_consumer_dropped_total",
     "forwarder_cluster_reconnects_total",
     "forwarder_cluster_disconnects_total",
+    "forwarder_messages_parked_total",
+    "forwarder_duplicates_total",
+    "forwarder_dead_letter_failures_total",
+    "forwarder_source_stalls_total",
+    "forwarder_source_disconnects_total",
+    "forwarder_source_reconnects_total",
+    "forwarder_topology_changes_total",
+    "forwarder_topology_apply_errors_total",
+    "forwarder_grace_publishes_total",
 }
 GAUGES = {
     "forwarder_pending_messages",
@@ -49,6 +61,7 @@ GAUGES = {
     "forwarder_source_lag_messages",
     "forwarder_ring_share",
     "forwarder_build_info",
+    "forwarder_topology_version",
 }
 HISTOGRAMS = {"forwarder_forward_latency_seconds"}
 KNOWN_METRICS = (
@@ -292,8 +305,10 @@ def test_dashboard_covers_the_operator_questions() -> None:
         "forwarder_slow_consumer_dropped_total",
         "forwarder_cluster_connected",  # connection state
         "forwarder_source_connected",
+        "forwarder_source_disconnects_total",  # a server-side slow consumer shows only as this
         "forwarder_source_lag_messages",  # lag
         "forwarder_messages_dead_lettered_total",  # dead letters by reason
+        "forwarder_messages_parked_total",  # JetStream source: parked while a cluster is down
         "forwarder_ring_share",
     }
     assert required - used == set()

@@ -66,44 +66,52 @@ def forwarder(tmp_path: Path):
         proc.stop()
 
 
-async def test_every_asset_lands_on_exactly_the_cluster_route_names_in_order(topology, forwarder, tmp_path):
+@pytest.fixture
+async def collector(topology):
+    """Subscribed to assets.> on every target cluster of ``topology``."""
+    c = TargetCollector()
+    for name, target in topology[1].items():
+        await c.watch(name, urls(target))
+    yield c
+    await c.close()
+
+
+async def test_every_asset_lands_on_exactly_the_cluster_route_names_in_order(
+    topology, forwarder, collector, tmp_path
+):
     source, targets = topology
     config = write_config(tmp_path / "f.yaml", source.url, {n: urls(t) for n, t in targets.items()})
     fwd = forwarder(config).wait_ready()
-    collector = TargetCollector()
-    for name, target in targets.items():
-        await collector.watch(name, urls(target))
-    try:
-        ids = await publish_assets(source.url, 6000, 300)
-        await collector.wait_count(len(ids))
-        await asyncio.sleep(0.2)  # a late duplicate or stray message would show up now
-        assert collector.count() == len(ids)
+    ids = await publish_assets(source.url, 6000, 300)
+    await collector.wait_count(len(ids))
+    await asyncio.sleep(0.2)  # a late duplicate or stray message would show up now
+    assert collector.count() == len(ids)
 
-        landed: dict[str, set[str]] = defaultdict(set)
-        order: dict[str, list[int]] = defaultdict(list)
-        for cluster, messages in collector.received.items():
-            for subject, data in messages:
-                landed[asset_of(subject)].add(cluster)
-                order[asset_of(subject)].append(int(data[1:]))
-        expected = route_cli(config, sorted(landed))
-        assert len(landed) == 300
-        for asset, clusters in landed.items():
-            assert clusters == {expected[asset]}, asset
-        for asset, seqs in order.items():
-            assert seqs == sorted(seqs), f"order broken for {asset}"
-        assert {c for cs in landed.values() for c in cs} == {"C1", "C2", "C3"}
-        m = fwd.metrics()
-        assert m["forwarder_messages_received_total"] == len(ids)
-        for name in targets:
-            forwarded = m[f'forwarder_messages_forwarded_total{{cluster="{name}"}}']
-            assert forwarded == len(collector.received[name])
-        route = fwd.json(f"/route/{next(iter(landed))}")
-        assert route["cluster"] == expected[route["asset"]]
-    finally:
-        await collector.close()
+    landed: dict[str, set[str]] = defaultdict(set)
+    order: dict[str, list[int]] = defaultdict(list)
+    for cluster, messages in collector.received.items():
+        for subject, data in messages:
+            landed[asset_of(subject)].add(cluster)
+            order[asset_of(subject)].append(int(data[1:]))
+    expected = route_cli(config, sorted(landed))
+    assert len(landed) == 300
+    for asset, clusters in landed.items():
+        assert clusters == {expected[asset]}, asset
+    for asset, seqs in order.items():
+        assert seqs == sorted(seqs), f"order broken for {asset}"
+    assert {c for cs in landed.values() for c in cs} == {"C1", "C2", "C3"}
+    m = fwd.metrics()
+    assert m["forwarder_messages_received_total"] == len(ids)
+    for name in targets:
+        forwarded = m[f'forwarder_messages_forwarded_total{{cluster="{name}"}}']
+        assert forwarded == len(collector.received[name])
+    route = fwd.json(f"/route/{next(iter(landed))}")
+    assert route["cluster"] == expected[route["asset"]]
 
 
-async def test_unroutable_messages_are_dead_lettered_and_the_rest_flows(topology, forwarder, tmp_path):
+async def test_unroutable_messages_are_dead_lettered_and_the_rest_flows(
+    topology, forwarder, collector, tmp_path
+):
     source, targets = topology
     config = write_config(
         tmp_path / "f.yaml", source.url, {n: urls(t) for n, t in targets.items()},
@@ -117,9 +125,6 @@ async def test_unroutable_messages_are_dead_lettered_and_the_rest_flows(topology
         dead.append(msg)
 
     await nc.subscribe("forwarder.dead", cb=on_dead)
-    collector = TargetCollector()
-    for name, target in targets.items():
-        await collector.watch(name, urls(target))
     try:
         await nc.publish("assets.x.value", b"no header")
         await nc.publish("assets.x.value", b"empty header", headers={"Asset-Id": ""})
@@ -135,7 +140,6 @@ async def test_unroutable_messages_are_dead_lettered_and_the_rest_flows(topology
         assert m['forwarder_messages_dead_lettered_total{reason="no_key_header"}'] == 1
         assert m['forwarder_messages_dead_lettered_total{reason="empty_key"}'] == 1
     finally:
-        await collector.close()
         await nc.close()
 
 

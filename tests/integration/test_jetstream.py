@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 TOTAL = 20_000
 ASSETS = 2_000
 FAST_REDELIVERY = {"ack_wait": 2, "backoff": [0.2, 0.5, 1, 2]}
+JS_TARGET = {"ack_timeout": 1}  # PubAcks awaited for less than ack_wait (the config insists)
 
 
 def urls(target: LocalServer | LocalCluster) -> list[str]:
@@ -192,9 +193,12 @@ async def rig(nats_servers, tmp_path: Path):
     await add_stream([source.url], "ASSETS", ["assets.>"])
     for name, target in targets.items():
         await add_stream(urls(target), "TARGET", ["assets.>"], replicas=3 if name == "C2" else 1)
+    clusters = {
+        n: {"servers": urls(t), "jetstream": JS_TARGET, "reconnect_time_wait": 0.25}
+        for n, t in targets.items()
+    }
     config = write_config(
-        tmp_path / "f.yaml", source.url,
-        {n: {"servers": urls(t), "jetstream": True, "reconnect_time_wait": 0.25} for n, t in targets.items()},
+        tmp_path / "f.yaml", source.url, clusters,
         source={"jetstream": {"stream": "ASSETS", "durable": "fwd", **FAST_REDELIVERY}},
         log={"level": "info", "format": "json"},
     )  # fmt: skip
@@ -284,7 +288,7 @@ async def test_a_message_too_large_for_the_target_is_dead_lettered(nats_servers,
     await add_stream([source.url], "ASSETS", ["assets.>"])
     await add_stream([small.url], "TARGET", ["assets.>"])
     config = write_config(
-        tmp_path / "f.yaml", source.url, {"C1": {"servers": [small.url], "jetstream": True}},
+        tmp_path / "f.yaml", source.url, {"C1": {"servers": [small.url], "jetstream": {"ack_timeout": 1}}},
         source={"jetstream": {"stream": "ASSETS", "durable": "fwd", **FAST_REDELIVERY}},
     )  # fmt: skip
     fwd = ForwarderProcess(config, tmp_path / "fwd.log").start()
