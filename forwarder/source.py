@@ -231,6 +231,7 @@ DELIVER_POLICIES = {
 LAG_REFRESH_INTERVAL = 5.0
 STREAM_RETRY_INTERVAL = 2.0
 PARKED_ID_HEADER = "Forwarder-Parked-Id"
+DELIVER_PREFIX = "_INBOX.forwarder"  # push consumers' deliver subjects: <prefix>.<stream>.<durable>
 
 
 class JetStreamSource(CoreSource):
@@ -275,10 +276,18 @@ class JetStreamSource(CoreSource):
     async def _consume(
         self, stream: str, durable: str, subject: str, handler: MessageHandler
     ) -> Subscription:
-        """Bind to (or create) a durable push consumer with a deliver group of the same name."""
+        """Bind to (or create) a durable push consumer with a deliver group of the same name.
+
+        The deliver subject is derived from the stream and durable names, not a random
+        inbox: replicas (or workers) that start together each find no consumer and create
+        it, and with equal configs the server keeps one consumer for all. With random
+        inboxes the last create would move the consumer to its own inbox and the others
+        would wait on theirs, forever, for nothing.
+        """
         assert self.nc is not None
         cfg = self.js
         config = ConsumerConfig(
+            deliver_subject=f"{DELIVER_PREFIX}.{stream}.{durable}",
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=cfg.ack_wait,

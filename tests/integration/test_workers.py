@@ -178,3 +178,46 @@ async def test_two_workers_share_the_durable_consumer_and_a_killed_one_loses_not
     finally:
         publishing.cancel()
     assert proc.stop() == 0
+
+
+async def test_sources_creating_the_same_durable_at_once_share_its_messages(nats, tmp_path):
+    """Workers (or replicas) start together: each finds no consumer and creates it. All must
+    end up on one consumer and share its messages (with random deliver inboxes the last
+    create moved the consumer to its own inbox and the others received nothing)."""
+    from forwarder.config import load_config
+    from forwarder.source import JetStreamSource
+    from tests.integration.test_jetstream import add_stream, publish_source
+
+    source = nats.server(name="source", jetstream=True)
+    await add_stream([source.url], "ASSETS", ["assets.>"])
+    config = write_config(
+        tmp_path / "f.yaml",
+        source.url,
+        {"C1": "nats://127.0.0.1:1"},
+        source={"jetstream": {"stream": "ASSETS"}},
+    )
+    settings = load_config(config).source
+    a, b = JetStreamSource(settings), JetStreamSource(settings)
+    got = {"a": 0, "b": 0}
+
+    def counter(name: str):  # type: ignore[no-untyped-def]
+        async def handle(msg) -> None:  # type: ignore[no-untyped-def]
+            got[name] += 1
+            await msg.ack()
+
+        return handle
+
+    await a.connect()
+    await b.connect()
+    try:
+        await asyncio.gather(
+            a._consume("ASSETS", "shared", "assets.>", counter("a")),
+            b._consume("ASSETS", "shared", "assets.>", counter("b")),
+        )
+        await publish_source(source.url, 2000, rate=20000)
+        await async_wait_until(lambda: got["a"] + got["b"] >= 2000, 10, message=lambda: str(got))
+        assert got["a"] > 0, got
+        assert got["b"] > 0, got
+    finally:
+        await a.close()
+        await b.close()
