@@ -2,7 +2,7 @@
 
 ``python -m bench.stacks FILE [--top N]`` prints the functions with the most samples
 of their own (self) and in total (inclusive, each function once per stack), as shares
-of all samples taken while the process was not idle (uvloop's poll wait excluded).
+of all samples taken while a thread was not waiting in its event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-IDLE = re.compile(r"\brun_forever\b|\b_run_once\b|select|epoll|poll \(")
+# A thread waiting in its event loop: uvloop waits in C, so the innermost Python frame is
+# whatever started the loop (the main thread's asyncio Runner, the HTTP thread's _run).
+IDLE_LEAVES = ("Runner.run ", "HttpThread._run ", "run_forever ", "_run_once ", "select ", "poll ")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -30,7 +32,7 @@ def frame_name(frame: str, lines: bool) -> str:
     return f"{m.group('func')} ({file})"
 
 
-def load(path: Path, lines: bool) -> tuple[Counter[str], Counter[str], int, int]:
+def load(path: Path, lines: bool, root: str = "") -> tuple[Counter[str], Counter[str], int, int]:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     busy = idle = 0
@@ -40,9 +42,11 @@ def load(path: Path, lines: bool) -> tuple[Counter[str], Counter[str], int, int]
             continue
         count = int(count_text)
         frames = stack.split(";")
-        if len(frames) <= 8 and frames[-1].startswith("Runner.run"):
-            idle += count  # the event loop waiting in C (uvloop shows no Python frame)
+        if frames[-1].startswith(IDLE_LEAVES):
+            idle += count  # an event loop waiting (uvloop shows no Python frame for it)
             continue
+        if root and not any(f.startswith(root) for f in frames):
+            continue  # another thread, or a stack py-spy could not read whole
         busy += count
         names = [frame_name(f, lines) for f in frames]
         own[names[-1]] += count
@@ -56,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--lines", action="store_true", help="one entry per source line, not per function")
+    p.add_argument("--root", default="Server.run", help="count stacks through this frame only ('' for all)")
     args = p.parse_args(argv)
-    own, inclusive, busy, idle = load(args.file, args.lines)
+    own, inclusive, busy, idle = load(args.file, args.lines, args.root)
     print(f"{busy} busy samples, {idle} idle ({idle / max(1, busy + idle):.0%} of all)")
     print("\nself time (share of busy samples)")
     for name, n in own.most_common(args.top):
