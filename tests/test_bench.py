@@ -42,7 +42,7 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
     for key, summary in doc["summary"].items():
         assert summary["runs"] == 1, key
         assert summary["msgs_per_s"] > 0, key
-        assert summary["cpu_us_per_msg"] > 0, key
+        assert summary["cpu_us_per_msg"] >= 0, key  # a tiny run may stay under one 10 ms tick
         assert summary["peak_rss_mb"] > 0, key
         assert summary["latency_samples"] > 0, key
     assert {"core_vs_bare", "js_core_vs_bare_js", "accounting_cost_core"} <= set(doc["ratios"])
