@@ -11,6 +11,8 @@ help:
 	@echo "make demo   run the forwarder on embedded NATS servers (ARGS=\"--messages 20000\")"
 	@echo "make test   install test extras and run lint, type checks and the whole test suite"
 	@echo "make lint   check the deployment files (Dockerfile, compose, Helm chart) with the real tools"
+	@echo "make bench  the forwarder against a bare nats-py relay, ~3 min (ARGS=\"--repeat 3 --messages 300000\")"
+	@echo "make soak   10 minutes at half the maximum rate; reports whether RSS stayed flat (ARGS=...)"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "asset-forwarder needs Python >= 3.11")'
@@ -30,10 +32,19 @@ demo: $(VENV)/.demo
 	$(BIN)/forwarder demo $(ARGS)
 
 test: $(VENV)/.test $(PROMTOOL)
-	$(BIN)/ruff check forwarder tests deploy/lint
-	$(BIN)/ruff format --check forwarder tests deploy/lint
+	$(BIN)/ruff check forwarder tests deploy/lint bench
+	$(BIN)/ruff format --check forwarder tests deploy/lint bench
 	$(BIN)/mypy forwarder
 	$(BIN)/pytest $(ARGS)
+
+# The benchmark (docs/performance.md): embedded servers, the forwarder and the bare
+# nats-py relays, interleaved; a table on stdout and a JSON file in bench/results/.
+bench: $(VENV)/.demo
+	$(BIN)/python -m bench $(ARGS)
+
+SOAK_SECONDS ?= 600
+soak: $(VENV)/.demo
+	$(BIN)/python -m bench --soak $(SOAK_SECONDS) $(ARGS)
 
 # promtool and prometheus from Debian's package, unpacked into .tools/prometheus (no
 # system service is installed or started): the rules tests and the live-scrape test.

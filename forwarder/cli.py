@@ -44,11 +44,30 @@ def _load(args: argparse.Namespace, *, require_files: bool = True) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
-    from .service import Server
+    from .workers import Supervisor, worker_identity
 
     settings = _load(args)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())
-    return Server(settings).run()
+    worker = worker_identity()
+    count = args.workers or settings.workers
+    if worker is None and count > 1:
+        return Supervisor(settings, args.config or os.environ["FORWARDER_CONFIG"], count).run()
+    from .service import Server
+
+    if worker is None:
+        return Server(settings).run()
+    logs.bind(worker=worker.index)
+    return Server(worker.apply(settings), http_socket=worker.http_socket).run()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -304,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the forwarder")
     with_config(p)
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="forwarder processes under one supervisor (overrides the config's workers)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file without connecting")

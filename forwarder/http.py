@@ -79,9 +79,12 @@ def decode_asset(raw: str) -> str | Response:
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, provider: StatusProvider) -> None:
+    def __init__(
+        self, host: str, port: int, provider: StatusProvider, *, unix_path: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path  # a worker under the supervisor listens here instead (workers.py)
         self._provider = provider
         self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -94,6 +97,12 @@ class HttpServer:
         }
 
     async def start(self) -> None:
+        if self.unix_path is not None:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=self.unix_path, limit=MAX_REQUEST_BYTES
+            )
+            self._log.info("http_listening", path=self.unix_path)
+            return
         self._server = await asyncio.start_server(
             self._serve, self.host, self.port, reuse_address=True, limit=MAX_REQUEST_BYTES
         )
@@ -119,6 +128,10 @@ class HttpServer:
     def _readyz(self) -> Response:
         ready, body = self._provider.readiness()
         return _json(200 if ready else 503, body)
+
+    async def respond_async(self, method: str, target: str) -> Response:
+        """What the server loop calls: ``respond``; a subclass may answer some paths asynchronously."""
+        return self.respond(method, target)
 
     def respond(self, method: str, target: str) -> Response:
         """The response for one request line; pure, so it is easy to test."""
@@ -169,7 +182,7 @@ class HttpServer:
             method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
         except UnicodeDecodeError:
             return _error(400, "request line is not ASCII"), False
-        return self.respond(method, target), method == "HEAD"
+        return await self.respond_async(method, target), method == "HEAD"
 
     @staticmethod
     async def _write(

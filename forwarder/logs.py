@@ -65,6 +65,11 @@ def configure(level: str = "info", fmt: str = "json", *, secrets: Iterable[str |
     root.setLevel(_LEVELS[level])
 
 
+def bind(**context: Any) -> None:
+    """Context on every later log line of this process (e.g. ``worker=2``)."""
+    structlog.contextvars.bind_contextvars(**context)
+
+
 def get_logger(**context: Any) -> Any:
     return structlog.get_logger().bind(**context)
 

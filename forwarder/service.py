@@ -28,8 +28,8 @@ from .logs import flush_rate_limited, get_logger
 from .metrics import Metrics
 from .pipeline import CorePipeline, DeadLetters
 from .router import Router
-from .source import CoreSource, JetStreamSource
-from .stats import ForwardingStats
+from .source import CoreSource, JetStreamSource, UnstampedSourceClient
+from .stats import ForwardingStats, NullLatencyHistogram, accounting_enabled
 from .topology import Topology, cluster_settings
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -46,13 +46,18 @@ async def _nothing_to_finish(grace: float) -> None:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, http_socket: str | None = None) -> None:
+        """``http_socket``: serve HTTP on this unix socket instead of the configured port (a worker
+        under the supervisor of ``workers: N``, which serves the port; see workers.py)."""
         self.settings = settings
         self.log = get_logger()
         self.should_exit = False
         self.force_exit = False
         self.started = asyncio.Event()  # set once consuming; Events bind to a loop only when awaited
         self.stats = ForwardingStats()
+        self.accounting = accounting_enabled()  # off only for the benchmark (stats.ACCOUNTING_ENV)
+        if not self.accounting:
+            self.stats.latency = NullLatencyHistogram()
         self.pipeline: CorePipeline | AckingPipeline
         if settings.source.jetstream is None:
             self._source = CoreSource(settings.source)
@@ -66,6 +71,8 @@ class Server:
             dead = DeadLetterLane(dead_letters, source, self.stats, timeout=timeout)
             park = ParkLane(source, self.stats, timeout=timeout) if source.parking else None
             self.pipeline = AckingPipeline(dead, self.stats, park)
+        if not self.accounting:
+            self._source.client_class = UnstampedSourceClient
         self._dead_letters = dead_letters
         self.topology = Topology.from_settings(settings)
         self._clusters: dict[str, NatsCluster] = {}
@@ -75,7 +82,9 @@ class Server:
         self._install(self.topology, self._new_clusters(self.topology, self.topology.clusters))
         self.live = TopologyManager(settings.topology, self) if settings.topology.kv_bucket else None
         self._metrics = Metrics(self)
-        self.http = HttpThread(HttpServer(settings.http.host, settings.http.port, self))
+        self.http = HttpThread(
+            HttpServer(settings.http.host, settings.http.port, self, unix_path=http_socket)
+        )
         self._exit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._switching = asyncio.Lock()
@@ -299,6 +308,8 @@ class Server:
             source_subject=s.source.subject,
             mode="jetstream" if s.source.jetstream else "core",
         )
+        if not self.accounting:
+            self.log.warning("accounting_disabled", reason="FORWARDER_ACCOUNTING=off: metrics stay at zero")
         await self.http.start()
         loop = asyncio.get_running_loop()
         if self.live is not None:

@@ -164,8 +164,26 @@ def _header_lines_problem(block: bytes) -> str:
     return "header block is malformed"
 
 
+class UnstampedSourceClient(SourceClient):
+    """No receipt stamp: ``FORWARDER_ACCOUNTING=off`` (the benchmark's accounting-cost switch)."""
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> SourceMsg:
+        return SourceMsg(
+            _client=self,
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _sid=sid,
+        )
+
+
 class CoreSource:
     """A core NATS subscription (queue group) on the source subject."""
+
+    client_class: type[SourceClient] = SourceClient
 
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
@@ -213,7 +231,7 @@ class CoreSource:
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
     async def connect(self) -> None:
-        self.nc = await connect_with_retry(SourceClient, self.settings.connection, self._events)
+        self.nc = await connect_with_retry(self.client_class, self.settings.connection, self._events)
         await self._events.on_connected()
 
     async def start(self, handler: MessageHandler, fast: FastHandler | None = None) -> None:
@@ -327,6 +345,7 @@ DELIVER_POLICIES = {
 LAG_REFRESH_INTERVAL = 5.0
 STREAM_RETRY_INTERVAL = 2.0
 PARKED_ID_HEADER = "Forwarder-Parked-Id"
+DELIVER_PREFIX = "_INBOX.forwarder"  # push consumers' deliver subjects: <prefix>.<stream>.<durable>
 
 
 class JetStreamSource(CoreSource):
@@ -373,10 +392,18 @@ class JetStreamSource(CoreSource):
     async def _consume(
         self, stream: str, durable: str, subject: str, handler: MessageHandler
     ) -> Subscription:
-        """Bind to (or create) a durable push consumer with a deliver group of the same name."""
+        """Bind to (or create) a durable push consumer with a deliver group of the same name.
+
+        The deliver subject is derived from the stream and durable names, not a random
+        inbox: replicas (or workers) that start together each find no consumer and create
+        it, and with equal configs the server keeps one consumer for all. With random
+        inboxes the last create would move the consumer to its own inbox and the others
+        would wait on theirs, forever, for nothing.
+        """
         assert self.nc is not None
         cfg = self.js
         config = ConsumerConfig(
+            deliver_subject=f"{DELIVER_PREFIX}.{stream}.{durable}",
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=cfg.ack_wait,

@@ -75,6 +75,7 @@ class ForwarderProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    args: list[str] = field(default_factory=list)  # more options for ``forwarder run``
 
     @property
     def port(self) -> int:
@@ -83,7 +84,7 @@ class ForwarderProcess:
     def start(self) -> ForwarderProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "forwarder", "run", "-c", str(self.config), *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
