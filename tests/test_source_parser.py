@@ -1,0 +1,107 @@
+"""SourceParser against nats-py's own parser: the same callbacks for any split into reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.protocol.parser import Parser
+
+from forwarder.source import SourceParser
+
+
+class Recorder:
+    """Stands in for the client: records what the parser hands it, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.calls.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.calls.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.calls.append(("err", err))
+
+
+def op_msg(subject: str, sid: int, payload: bytes, reply: str = "") -> bytes:
+    reply_part = f" {reply}" if reply else ""
+    return f"MSG {subject} {sid}{reply_part} {len(payload)}\r\n".encode() + payload + b"\r\n"
+
+
+def op_hmsg(subject: str, sid: int, headers: bytes, payload: bytes) -> bytes:
+    line = f"HMSG {subject} {sid} {len(headers)} {len(headers) + len(payload)}\r\n".encode()
+    return line + headers + payload + b"\r\n"
+
+
+ops = st.one_of(
+    st.builds(
+        op_msg,
+        st.sampled_from(["assets.a.b", "assets.x\x0by.z", "a"]),
+        st.integers(1, 9),
+        st.binary(max_size=300),
+        st.sampled_from(["", "_INBOX.abc"]),
+    ),
+    st.builds(
+        op_hmsg,
+        st.sampled_from(["assets.a.b", "x.y"]),
+        st.integers(1, 9),
+        st.sampled_from([b"NATS/1.0\r\nA: b\r\n\r\n", b"NATS/1.0\r\n\r\n"]),
+        st.binary(max_size=100),
+    ),
+    st.just(b"PING\r\n"),
+    st.just(b"PONG\r\n"),
+    st.just(b"+OK\r\n"),
+    st.just(b'INFO {"server_id":"x","max_payload":1048576}\r\n'),
+)
+
+
+async def feed(parser_class: type[Parser], stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
+    rec = Recorder()
+    parser = parser_class(rec)
+    last = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        await parser.parse(stream[last:cut])
+        last = cut
+    return rec.calls
+
+
+def nats_py_parser() -> type[Parser]:
+    """nats-py's own loop with our patterns: the reference."""
+
+    class Reference(Parser):
+        parse = SourceParser._nats_py_parse  # type: ignore[assignment]
+
+    return Reference
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+async def test_any_split_into_reads_gives_the_same_callbacks_as_nats_py(data: st.DataObject) -> None:
+    stream = b"".join(data.draw(st.lists(ops, min_size=1, max_size=30)))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    expected = await feed(nats_py_parser(), stream, [])
+    assert await feed(SourceParser, stream, cuts) == expected
+    assert await feed(nats_py_parser(), stream, cuts) == expected
+
+
+async def test_a_read_of_many_messages_compacts_the_buffer_once() -> None:
+    stream = b"".join(op_msg("assets.a.b", 1, b"x" * 100) for _ in range(300)) + b"MSG assets.a.b 1 10\r\nabc"
+    parser = SourceParser(Recorder())
+    await parser.parse(stream)
+    assert len(parser.nc.calls) == 300
+    assert bytes(parser.buf) == b"abc"  # the message that has not fully arrived yet
+    await parser.parse(b"defghij\r\n")
+    assert parser.nc.calls[-1][4] == b"abcdefghij"
+    assert not parser.buf
