@@ -137,6 +137,7 @@ class CorePipeline:
         self._stats = stats
         self._log = RateLimitedLogger(get_logger())
         self._grace_id = grace_ids()
+        self._stamps: list[float] = []  # receipt times of the fast path's current batch
 
     def use(self, route: RouteFn, route_subject: Callable[[str], Any] | None = None) -> None:
         """Route with this router from the next message on (at start, and at a topology change).
@@ -164,14 +165,22 @@ class CorePipeline:
         cluster, subject = route
         if not cluster.try_publish(subject, data):
             return False
-        stats = self._stats
-        stats.received += 1
+        self._stats.received += 1
         cluster.forwarded += 1
-        stats.latency.observe(time.perf_counter() - msg.received_at)
+        self._stamps.append(msg.received_at)
         return True
+
+    def batch_done(self) -> None:
+        """The fast path's latencies, once per batch: its publishes reach the sockets only
+        after this (when the consume loop yields to the connections' flushers)."""
+        stamps = self._stamps
+        if stamps:
+            self._stats.latency.observe_batch(time.perf_counter(), stamps)
+            stamps.clear()
 
     async def handle(self, msg: Any) -> None:
         if self.handle_nowait(msg):
+            self.batch_done()  # called alone (not from the consume loop): a batch of one
             return
         stats = self._stats
         stats.received += 1

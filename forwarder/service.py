@@ -331,8 +331,13 @@ class Server:
         if self.should_exit:
             return
         self.pipeline.start()
-        fast = self.pipeline.handle_nowait if isinstance(self.pipeline, CorePipeline) else None
-        await self._until_exit(self._source.start(self.pipeline.handle, fast))
+        if isinstance(self.pipeline, CorePipeline):
+            start = self._source.start(
+                self.pipeline.handle, self.pipeline.handle_nowait, self.pipeline.batch_done
+            )
+        else:
+            start = self._source.start(self.pipeline.handle)
+        await self._until_exit(start)
         await self._consume_parked(list(self._clusters))
         if self.live is not None and not self.should_exit:
             self._tasks.append(loop.create_task(self.live.run(), name="topology"))

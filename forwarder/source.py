@@ -37,6 +37,7 @@ from .router import MalformedHeaders
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
 FastHandler = Callable[[Msg], bool]  # handles a message without awaiting, or returns False
+BatchDone = Callable[[], None]  # after the messages one read brought were handled
 
 
 @dataclass
@@ -83,6 +84,7 @@ class SourceParser(nats_parser.Parser):
         buf = self.buf
         buf.extend(data)
         nc = self.nc
+        nc.read_at = time.perf_counter()  # every message of this read arrived now
         arg = self.msg_arg
         pos = 0
         try:
@@ -134,6 +136,7 @@ class SourceClient(ResilientClient):
     def __init__(self) -> None:
         super().__init__()
         self._ps = SourceParser(self)
+        self.read_at = time.perf_counter()  # when the socket read being parsed arrived
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         """nats-py's header parsing, made safe, and exact about what it would lose.
@@ -226,7 +229,7 @@ class SourceClient(ResilientClient):
             data=data,
             headers=headers,
             _sid=sid,
-            received_at=time.perf_counter(),
+            received_at=self.read_at,
             reply_bytes=reply,
         )
 
@@ -277,6 +280,10 @@ class UnstampedSourceClient(SourceClient):
             headers=headers,
             _sid=sid,
         )
+
+
+def _nothing() -> None:
+    pass
 
 
 class CoreSource:
@@ -333,13 +340,17 @@ class CoreSource:
         self.nc = await connect_with_retry(self.client_class, self.settings.connection, self._events)
         await self._events.on_connected()
 
-    async def start(self, handler: MessageHandler, fast: FastHandler | None = None) -> None:
+    async def start(
+        self, handler: MessageHandler, fast: FastHandler | None = None, batch_done: BatchDone | None = None
+    ) -> None:
         """Connect (retrying until it succeeds) and subscribe ``handler``.
 
         With ``fast``, our own loop takes the messages from the subscription's pending
         queue (the same bounded queue, so the same slow-consumer limits) instead of
         nats-py's: it drains what is there without an await per message and calls
-        ``fast`` first, awaiting ``handler`` only for a message ``fast`` declined.
+        ``fast`` first, awaiting ``handler`` only for a message ``fast`` declined, and
+        ``batch_done`` once the queue is empty again (before the buffered publishes go
+        out: nothing is written to a socket until this loop yields).
         """
         if self.nc is None:
             await self.connect()
@@ -353,12 +364,14 @@ class CoreSource:
         )
         if fast is not None:
             self._consumer = asyncio.get_running_loop().create_task(
-                self._run_consumer(self.sub, fast, handler), name="source-consumer"
+                self._run_consumer(self.sub, fast, handler, batch_done or _nothing), name="source-consumer"
             )
         await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
 
-    async def _run_consumer(self, sub: Subscription, fast: FastHandler, handler: MessageHandler) -> None:
+    async def _run_consumer(
+        self, sub: Subscription, fast: FastHandler, handler: MessageHandler, batch_done: BatchDone
+    ) -> None:
         queue = sub._pending_queue
         get_nowait, task_done = queue.get_nowait, queue.task_done
         limited = RateLimitedLogger(self.log)
@@ -378,6 +391,7 @@ class CoreSource:
                     msg = get_nowait()
                 except asyncio.QueueEmpty:
                     break
+            batch_done()
 
     async def check(self) -> None:
         """Housekeeping: a read loop that died while 'connected' is restarted and counted."""
@@ -462,8 +476,10 @@ class JetStreamSource(CoreSource):
     def lag(self) -> int | None:
         return self._lag
 
-    async def start(self, handler: MessageHandler, fast: FastHandler | None = None) -> None:
-        """The JetStream push subscription (``fast`` is not used: flow control and
+    async def start(
+        self, handler: MessageHandler, fast: FastHandler | None = None, batch_done: BatchDone | None = None
+    ) -> None:
+        """The JetStream push subscription (``fast`` and ``batch_done`` are not used: flow control and
         heartbeats need nats-py's own delivery loop)."""
         if self.nc is None:
             await self.connect()
