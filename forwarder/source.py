@@ -179,19 +179,21 @@ class SourceClient(ResilientClient):
     ) -> None:
         """nats-py's message dispatch, without its general machinery for the common case.
 
-        A message without headers for a plain callback-less subscription (the core
-        source's) goes straight into the subscription's pending queue, with nats-py's
-        own slow-consumer rules; everything else (headers, JetStream subscriptions,
-        requests, auto-unsubscribe) takes nats-py's path.
+        A message without headers for the core source's subscription (no callback) or for
+        a JetStream push subscription (a data message: control messages carry headers)
+        goes straight into the subscription's pending queue, with nats-py's own
+        slow-consumer rules and JetStream bookkeeping; everything else (headers, ordered
+        consumers, requests, auto-unsubscribe) takes nats-py's path.
         """
         sub = self._subs.get(sid)
+        jsi = sub._jsi if sub is not None else None
         if (
             headers
             or sub is None
-            or sub._jsi is not None
             or sub._future is not None
             or sub._max_msgs
-            or sub._cb
+            or (sub._cb is not None and jsi is None)
+            or (jsi is not None and jsi._ordered)
         ):
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
@@ -215,6 +217,10 @@ class SourceClient(ResilientClient):
             await self._error_cb(
                 nats.errors.SlowConsumerError(subject=msg.subject, reply=msg.reply, sid=sid, sub=sub)
             )
+            return
+        if jsi is not None:  # what nats-py does for a JetStream data message (heartbeats, flow control)
+            jsi._active = True
+            jsi.track_sequences(msg.reply)
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
