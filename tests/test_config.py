@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -967,14 +970,44 @@ def test_unreadable_file_even_as_root(cfg: Cfg, monkeypatch: pytest.MonkeyPatch)
     assert_error(info.value, path, "", "cannot read the file (Permission denied)")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file(cfg: Cfg) -> None:
+    """A file the process may not read: for real, also when the tests run as root.
+
+    Root reads any file through CAP_DAC_OVERRIDE; ``setpriv`` runs the CLI as root
+    without that capability (and without CAP_DAC_READ_SEARCH), so the mode-0 file is
+    refused by the kernel exactly as it would be for an ordinary user.
+    """
     path = cfg.write(minimal())
     path.chmod(0)
     try:
-        with pytest.raises(ConfigError) as info:
-            load_config(path, env={})
-        assert_error(info.value, path, "", "cannot read the file", "Permission denied")
+        if os.geteuid() != 0:
+            with pytest.raises(ConfigError) as info:
+                load_config(path, env={})
+            assert_error(info.value, path, "", "cannot read the file", "Permission denied")
+            return
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.fail("running as root needs util-linux's setpriv to drop CAP_DAC_OVERRIDE")
+        dropped = "-dac_override,-dac_read_search"
+        result = subprocess.run(
+            [
+                setpriv,
+                f"--inh-caps={dropped}",
+                f"--bounding-set={dropped}",
+                sys.executable,
+                "-m",
+                "forwarder",
+                "check-config",
+                "-c",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"forwarder: {path}: cannot read the file (Permission denied)\n"
     finally:
         path.chmod(0o600)
 
