@@ -310,6 +310,10 @@ def test_dashboard_covers_the_operator_questions() -> None:
         "forwarder_messages_dead_lettered_total",  # dead letters by reason
         "forwarder_messages_parked_total",  # JetStream source: parked while a cluster is down
         "forwarder_ring_share",
+        "forwarder_topology_version",  # live topology: do the replicas agree, do changes apply
+        "forwarder_topology_apply_errors_total",
+        "forwarder_grace_publishes_total",
+        "forwarder_duplicates_total",
     }
     assert required - used == set()
 
