@@ -466,6 +466,8 @@ class AckingPipeline:
         async def replay(msg: Any) -> None:
             headers = msg.headers
             origin = headers.pop(PARKED_ID_HEADER, None) if headers else None
+            if not headers:  # the parked id was the only header: the original had none
+                msg.headers = None
             msg.subject = source.unpark_subject(cluster, msg.subject)
             msg.origin_id = origin or source_msg_id(msg)
             await self.dispatch(msg)

@@ -834,6 +834,21 @@ async def test_the_replayer_restores_the_subject_and_the_identity(rig: Rig, jets
     assert rig.source.outcomes() == {parked.reply: ["ack"]}  # acked on the park stream's consumer
 
 
+async def test_a_replayed_message_whose_original_had_no_headers_goes_out_without_headers(rig: Rig) -> None:
+    lane = rig.lane()
+    rig.routes["assets.pump-1.temp"] = (lane, "out.pump-1")
+    rig.pipeline.start()
+    parked = message(
+        subject="parked.C1.assets.pump-1.temp",
+        reply=ack_subject(3, stream="PARK"),
+        headers={PARKED_ID_HEADER: "ASSETS:42"},
+    )
+    await rig.pipeline.replayer("C1")(parked)
+    await rig.pipeline.stop()
+    [(subject, _, headers, _)] = lane.cluster.published
+    assert (subject, headers) == ("out.pump-1", None)  # not an empty header block
+
+
 async def test_a_replayed_message_for_a_cluster_still_down_is_nakd_not_parked_again(rig: Rig) -> None:
     lane = rig.lane()
     lane.cluster.connected = False
