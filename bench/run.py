@@ -522,7 +522,9 @@ class Rig:
                 if spy is not None:
                     stop_py_spy(spy)
             if self.args.latency_seconds > 0:
-                self.latency(sc, res, log, res.msgs_per_s / 2, self.args.latency_seconds)
+                self.latency(
+                    sc, res, log, res.msgs_per_s * self.args.latency_fraction, self.args.latency_seconds
+                )
             res.processes = len(pids)
             res.peak_rss_mb = procstat.tree_peak_rss_bytes(pids) / 2**20
         except Exception as exc:  # one failed run must not lose the others' figures
@@ -875,6 +877,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2, help="interleaved repetitions (default 2)")
     p.add_argument("--assets", type=int, default=2000, help="distinct assets (5 subjects each; default 2000)")
     p.add_argument("--latency-seconds", type=float, default=2.0, help="latency run length (0: skip)")
+    p.add_argument("--latency-fraction", type=float, default=0.5,
+                   help="latency run rate as a fraction of the run's maximum (default 0.5)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=50, help="the latency probe listens to every Nth asset")
     p.add_argument("--window", type=int, default=40_000, help="core runs: messages ahead of the relay")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
@@ -899,6 +903,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s): {', '.join(unknown)}")
     if args.messages < 1000:
         p.error("--messages must be at least 1000")
+    if not 0 < args.latency_fraction <= 1:
+        p.error("--latency-fraction must be in (0, 1]")
     return args
 
 
