@@ -222,7 +222,8 @@ class ForwarderCollector:
         yield _counter(
             "source_reconnects", "Reconnects of the source connection.", [((), source.stats.reconnects)]
         )
-        yield _counter("source_stalls", "Source read loops found dead and restarted.", [((), source.stalls)])
+        stalls = "Source read loops (or consume loops) found dead and restarted."
+        yield _counter("source_stalls", stalls, [((), source.stalls)])
         lag = source.lag()
         if lag is not None:
             yield _gauge(

@@ -180,7 +180,9 @@ class CorePipeline:
 
     async def handle(self, msg: Any) -> None:
         if self.handle_nowait(msg):
-            self.batch_done()  # called alone (not from the consume loop): a batch of one
+            # Routed and buffered after all (a route that changed, a buffer with room again):
+            # observe what the batch holds now, as the consume loop would before awaiting.
+            self.batch_done()
             return
         stats = self._stats
         stats.received += 1

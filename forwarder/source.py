@@ -42,7 +42,8 @@ BatchDone = Callable[[], None]  # after the messages one read brought were handl
 
 @dataclass
 class SourceMsg(Msg):
-    """A message stamped with ``time.perf_counter()`` when nats-py decoded it."""
+    """A message stamped with ``time.perf_counter()`` of the socket read that brought it
+    (every message of one read shares the stamp)."""
 
     received_at: float = 0.0
     reply_bytes: bytes = b""  # the reply subject as it came: acks are written with it, not re-encoded
@@ -203,6 +204,11 @@ class SourceClient(ResilientClient):
         stats["in_bytes"] += size
         sub._received += 1
         msg = self._build_message(sid, subject, reply, data, None)
+        if jsi is not None:
+            jsi._active = True
+        # nats-py's order, step for step: over the bytes limit the message is dropped
+        # untracked; a full queue drops it but still tracks its sequence, or the next idle
+        # heartbeat would report a sequence mismatch.
         sub._pending_size += size
         if 0 < sub._pending_bytes_limit <= sub._pending_size:
             sub._pending_size -= size
@@ -217,9 +223,7 @@ class SourceClient(ResilientClient):
             await self._error_cb(
                 nats.errors.SlowConsumerError(subject=msg.subject, reply=msg.reply, sid=sid, sub=sub)
             )
-            return
         if jsi is not None:  # what nats-py does for a JetStream data message (heartbeats, flow control)
-            jsi._active = True
             jsi.track_sequences(msg.reply)
 
     def _build_message(
@@ -306,6 +310,7 @@ class CoreSource:
         self.sub: Subscription | None = None
         self.stalls = 0  # read loops found dead and restarted
         self._consumer: asyncio.Task[None] | None = None
+        self._consumer_args: tuple[Subscription, FastHandler, MessageHandler, BatchDone] | None = None
 
     @property
     def connected(self) -> bool:
@@ -369,11 +374,16 @@ class CoreSource:
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
         if fast is not None:
-            self._consumer = asyncio.get_running_loop().create_task(
-                self._run_consumer(self.sub, fast, handler, batch_done or _nothing), name="source-consumer"
-            )
+            self._consumer_args = (self.sub, fast, handler, batch_done or _nothing)
+            self._start_consumer()
         await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
+
+    def _start_consumer(self) -> None:
+        assert self._consumer_args is not None
+        self._consumer = asyncio.get_running_loop().create_task(
+            self._run_consumer(*self._consumer_args), name="source-consumer"
+        )
 
     async def _run_consumer(
         self, sub: Subscription, fast: FastHandler, handler: MessageHandler, batch_done: BatchDone
@@ -387,6 +397,9 @@ class CoreSource:
                 sub._pending_size -= len(msg.data)
                 try:
                     if not fast(msg):
+                        # The batch ends wherever the loop yields: a steady trickle of messages
+                        # that await must not keep it open while the reader refills the queue.
+                        batch_done()
                         await handler(msg)
                 except Exception as exc:  # a bug must not stop consuming; counted like nats-py's
                     self.stats.errors += 1
@@ -397,15 +410,27 @@ class CoreSource:
                     msg = get_nowait()
                 except asyncio.QueueEmpty:
                     break
-            batch_done()
+            try:
+                batch_done()
+            except Exception as exc:
+                self.stats.errors += 1
+                limited.error("batch_done_failed", type(exc).__name__, error=repr(exc)[:300])
 
     async def check(self) -> None:
-        """Housekeeping: a read loop that died while 'connected' is restarted and counted."""
+        """Housekeeping: a read loop that died while 'connected' is restarted and counted;
+        so is a consume loop that ended (it catches every error, so only a bug ends it)."""
         nc = self.nc
         if nc is not None and not nc.read_loop_alive:
             self.stalls += 1
             self.log.error("source_read_loop_died", action="reconnecting")
             await nc.force_reconnect()
+        consumer = self._consumer
+        if consumer is not None and consumer.done() and not consumer.cancelled() and self.sub is not None:
+            self.stalls += 1
+            self.log.error(
+                "source_consumer_died", error=repr(consumer.exception())[:300], action="restarting"
+            )
+            self._start_consumer()
 
     async def stop(self) -> None:
         """Stop taking new messages; messages already received are still handled."""

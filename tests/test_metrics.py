@@ -310,8 +310,9 @@ def test_a_bucket_bound_is_inclusive():
 
 @pytest.mark.parametrize("size", [1, 20, 63, 64, 65, 300, 5000])
 def test_observe_batch_equals_one_by_one_at_every_size_and_on_the_bounds(size: int) -> None:
-    """Small batches go one by one, large ones by a bisect per bound: both must agree,
-    also for latencies exactly on a bucket bound and for stamps out of order."""
+    """Counting equal stamps first and one bucket lookup per distinct stamp must agree with
+    observing one by one, also for latencies exactly on a bucket bound and for stamps out
+    of order."""
     rng = random.Random(size)
     now = 1_000.0 + rng.random()
     stamps = [

@@ -96,11 +96,23 @@ async def test_any_split_into_reads_gives_the_same_callbacks_as_nats_py(data: st
     assert await feed(nats_py_parser(), stream, cuts) == expected
 
 
+class CountingBuffer(bytearray):
+    """The parser's read buffer, counting the deletions that move what follows."""
+
+    deletions = 0
+
+    def __delitem__(self, key: Any) -> None:
+        self.deletions += 1
+        super().__delitem__(key)
+
+
 async def test_a_read_of_many_messages_compacts_the_buffer_once() -> None:
     stream = b"".join(op_msg("assets.a.b", 1, b"x" * 100) for _ in range(300)) + b"MSG assets.a.b 1 10\r\nabc"
     parser = SourceParser(Recorder())
+    buffer = parser.buf = CountingBuffer()
     await parser.parse(stream)
     assert len(parser.nc.calls) == 300
+    assert buffer.deletions == 1  # nats-py's loop deletes once per message: 300
     assert bytes(parser.buf) == b"abc"  # the message that has not fully arrived yet
     await parser.parse(b"defghij\r\n")
     assert parser.nc.calls[-1][4] == b"abcdefghij"

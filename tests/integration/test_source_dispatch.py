@@ -1,0 +1,136 @@
+"""The source's own dispatch (``SourceClient._process_msg`` and ``CoreSource``'s consume loop)
+against a real server, where it departs from nats-py's: the JetStream bookkeeping of
+messages dropped as a slow consumer, and where a latency batch ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats as nats_py
+import pytest
+
+from forwarder.config import ConnectionSettings, JetStreamSourceSettings, SourceSettings
+from forwarder.embedded import LocalServer
+from forwarder.pipeline import CorePipeline
+from forwarder.source import CoreSource, JetStreamSource
+from forwarder.stats import ForwardingStats
+from tests.helpers import async_wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def test_messages_dropped_for_a_full_queue_keep_the_jetstream_heartbeat_bookkeeping(
+    source_server: LocalServer,
+) -> None:
+    """nats-py tracks the sequence of a JetStream message even when a full pending queue
+    drops it; without that, the next idle heartbeat reports a sequence mismatch as a
+    connection error (and in /readyz's last error)."""
+    publisher = await nats_py.connect(source_server.url)
+    try:
+        js = publisher.jetstream()
+        await js.add_stream(name="S", subjects=["assets.>"])
+        for i in range(3000):
+            await publisher.publish(f"assets.a{i % 10}.v", b"x" * 512)
+        await publisher.flush()
+        settings = SourceSettings(
+            ConnectionSettings(servers=(source_server.url,), name="source"),
+            subject="assets.>",
+            pending_msgs_limit=100,  # far below what arrives at once: drops, then redeliveries
+            jetstream=JetStreamSourceSettings(
+                stream="S", durable="D", ack_wait=1.0, backoff=(), idle_heartbeat=0.5, park_stream=None
+            ),
+        )
+        source = JetStreamSource(settings)
+        seen: set[int] = set()
+
+        async def handler(msg: Any) -> None:
+            seen.add(msg.metadata.sequence.stream)
+            await asyncio.sleep(0)  # a little slower than the reader
+            await source.ack([msg])
+
+        # Heartbeats go to the consumer's deliver subject: a plain subscriber there counts them.
+        heartbeats = 0
+
+        async def on_deliver(msg: Any) -> None:
+            nonlocal heartbeats
+            if msg.headers and msg.headers.get("Status") == "100" and not msg.reply:
+                heartbeats += 1
+
+        await source.start(handler)
+        try:
+            assert source.sub is not None
+            await publisher.subscribe(source.sub.subject, cb=on_deliver)
+            await async_wait_until(lambda: len(seen) == 3000, timeout=60, message="every message delivered")
+            assert source.stats.slow_consumer_dropped > 0, "the test needs drops to mean anything"
+            after = heartbeats
+            await async_wait_until(lambda: heartbeats >= after + 2, timeout=10, message="two idle heartbeats")
+            assert source.stats.errors == 0, source.stats.last_error
+            assert source.stats.last_error is None
+        finally:
+            await source.stop()
+            await source.close()
+    finally:
+        await publisher.close()
+
+
+class BufferingCluster:
+    """A healthy target: every publish fits its buffer."""
+
+    name = "fast"
+    forwarded = 0
+    publish_errors = 0
+
+    def try_publish(self, subject: str, data: bytes) -> bool:
+        return True
+
+
+class FullCluster:
+    """A target whose buffer is full: ``publish`` waits until the test lets it go on."""
+
+    name = "full"
+    forwarded = 0
+    publish_errors = 0
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.go_on = asyncio.Event()
+
+    def try_publish(self, subject: str, data: bytes) -> bool:
+        return False
+
+    async def publish(self, subject: str, data: bytes, headers: Any = None) -> None:
+        self.waiting += 1
+        await self.go_on.wait()
+
+
+async def test_a_message_that_awaits_ends_the_latency_batch_first(target_server: LocalServer) -> None:
+    """The fast path's latencies are observed at the latest when the loop yields: otherwise a
+    steady trickle of messages that await (a full buffer, a reconnecting target) keeps the
+    batch open while the reader refills the queue, and the histogram falls behind the count."""
+    stats = ForwardingStats()
+    pipeline = CorePipeline(dead_letters=None, stats=stats)  # type: ignore[arg-type]
+    fast, full = BufferingCluster(), FullCluster()
+    pipeline.use(lambda subject, _headers, _data: (full if subject.endswith(".full") else fast, subject))
+    source = CoreSource(
+        SourceSettings(ConnectionSettings(servers=(target_server.url,), name="source"), subject="assets.>")
+    )
+    await source.start(pipeline.handle, pipeline.handle_nowait, pipeline.batch_done)
+    publisher = await nats_py.connect(target_server.url)
+    try:
+        # One flush: the forwarder reads these in one batch (or a few), the full one last.
+        for i in range(200):
+            await publisher.publish(f"assets.a{i}.v", b"x")
+        await publisher.publish("assets.b.full", b"x")
+        await publisher.flush()
+        await async_wait_until(lambda: full.waiting == 1, timeout=10, message="the full target's publish")
+        # While it waits, the 200 already forwarded are observed, not held for the batch's end.
+        assert (stats.received, stats.latency.count) == (201, 200)
+        full.go_on.set()
+        await async_wait_until(lambda: stats.latency.count == 201, timeout=10, message="the last observed")
+    finally:
+        full.go_on.set()
+        await publisher.close()
+        await source.stop()
+        await source.close()
