@@ -38,6 +38,7 @@ from .router import MalformedHeaders
 MessageHandler = Callable[[Msg], Awaitable[None]]
 FastHandler = Callable[[Msg], bool]  # handles a message without awaiting, or returns False
 BatchDone = Callable[[], None]  # after the messages one read brought were handled
+QUEUE_EMPTY_TIMEOUT = 5.0  # seconds stop() waits for messages received before a lost connection
 
 
 @dataclass
@@ -440,10 +441,17 @@ class CoreSource:
                 await sub.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # the connection may be going away: nothing left to drain
                 self.log.warning("source_drain_failed", error=str(exc))
+        elif sub is not None:  # nothing to drain from a lost connection; what arrived is handled
+            try:
+                await asyncio.wait_for(sub._pending_queue.join(), QUEUE_EMPTY_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("source_queue_not_emptied", left=sub._pending_queue.qsize())
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:  # drain() waited for the queue to empty: nothing is lost here
+        if consumer is not None:  # the queue is empty by now: nothing is lost here
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
+            assert self._consumer_args is not None
+            self._consumer_args[3]()  # the last batch's latencies, had the loop not reached them
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish on the source connection (dead letters)."""
@@ -461,6 +469,9 @@ class CoreSource:
         self._events.closing = True
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
+            if not nc.is_connected:  # reconnecting: nothing to drain, and drain() would refuse
+                await nc.close()
+                return
             try:
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except Exception as exc:

@@ -134,3 +134,38 @@ async def test_a_message_that_awaits_ends_the_latency_batch_first(target_server:
         await publisher.close()
         await source.stop()
         await source.close()
+
+
+async def test_stop_after_the_connection_is_lost_handles_what_had_arrived(nats_servers: Any) -> None:
+    """Core source: messages already in the subscription's queue when the source server went
+    away are still handled (forwarded or dead-lettered, and counted) by ``stop()``."""
+    server = nats_servers.server(name="source")
+    stats = ForwardingStats()
+    pipeline = CorePipeline(dead_letters=None, stats=stats)  # type: ignore[arg-type]
+    fast, full = BufferingCluster(), FullCluster()
+    pipeline.use(lambda subject, _headers, _data: (full if subject.endswith(".full") else fast, subject))
+    source = CoreSource(
+        SourceSettings(ConnectionSettings(servers=(server.url,), name="source", reconnect_time_wait=30),
+                       subject="assets.>")
+    )  # fmt: skip
+    await source.start(pipeline.handle, pipeline.handle_nowait, pipeline.batch_done)
+    publisher = await nats_py.connect(server.url)
+    try:
+        await publisher.publish("assets.first.full", b"x")  # holds the consume loop
+        for i in range(100):
+            await publisher.publish(f"assets.a{i}.v", b"x")
+        await publisher.flush()
+        await async_wait_until(lambda: full.waiting == 1, timeout=10, message="the full target's publish")
+        await async_wait_until(lambda: source.sub is not None and source.sub.pending_msgs == 100, timeout=10)
+        await publisher.close()
+        server.kill()
+        await async_wait_until(lambda: not source.connected, timeout=10, message="the source disconnected")
+        stopping = asyncio.create_task(source.stop())
+        full.go_on.set()
+        await asyncio.wait_for(stopping, 10)
+        assert stats.received == 101
+        assert stats.latency.count == 101  # every one observed, the fast path's last batch too
+    finally:
+        full.go_on.set()
+        await publisher.close()
+        await source.close()
