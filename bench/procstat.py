@@ -89,3 +89,13 @@ def system_busy_seconds() -> tuple[float, float]:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])  # guest time is already counted in user
     return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def system_stall_seconds() -> tuple[float, float]:
+    """(iowait, steal) CPU seconds of the whole machine since boot: waiting for the disk,
+    and time the hypervisor gave this VM's cores to someone else (/proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    return fields[4] / CLK_TCK, (fields[7] if len(fields) > 7 else 0) / CLK_TCK

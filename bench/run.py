@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -809,7 +810,8 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
         print(
             f"soak: {sc.title}: max {res.msgs_per_s:,.0f} msg/s; {seconds:g}s at {rate:,.0f} msg/s", file=out
         )
-        samples: list[tuple[float, int, int]] = []  # (seconds, RSS bytes, messages arrived)
+        # (seconds, RSS bytes, messages arrived, relay CPU s, machine busy s, iowait s, steal s)
+        samples: list[tuple[float, int, int, float, float, float, float]] = []
         start = time.monotonic()
         arrived_base = rig.arrivals.in_msgs()
 
@@ -817,7 +819,9 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
             if not samples or now - start - samples[-1][0] >= every:
                 rss = procstat.tree_rss_bytes(pids)
                 arrived = rig.arrivals.in_msgs() - arrived_base
-                samples.append((now - start, rss, arrived))
+                cpu = procstat.tree_cpu_seconds(pids)
+                busy, _ = procstat.system_busy_seconds()
+                samples.append((now - start, rss, arrived, cpu, busy, *procstat.system_stall_seconds()))
                 if len(samples) % 12 == 1:
                     behind = int((now - start) * rate) - arrived
                     print(
@@ -830,7 +834,7 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
         latency = RunResult(sc.key, 1)  # the probe runs for the whole soak
         rig.latency(sc, latency, rig.workdir / "soak-probe.log", rate, seconds, on_tick=sample)
         warm = min(60.0, seconds / 10)
-        after = [rss for t, rss, _ in samples if t >= warm] or [rss for _, rss, _ in samples]
+        after = [s[1] for s in samples if s[0] >= warm] or [s[1] for s in samples]
         base = after[0]
         peak = max(after)
         result = {
@@ -845,12 +849,42 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
             "growth": peak / base - 1,
             "flat_within_10pct": peak <= base * 1.10,
             "latency": latency.latency,
-            "samples": [(round(t, 1), rss, arrived) for t, rss, arrived in samples],
+            "slow_intervals": slow_intervals(samples, rate),
+            "samples": [(round(s[0], 1), *s[1:]) for s in samples],
         }
         return result
     finally:
         stop(proc)
         rig.procs.remove(proc)
+
+
+def slow_intervals(
+    samples: list[tuple[float, int, int, float, float, float, float]], rate: float
+) -> dict[str, Any]:
+    """Where the time went while the relay fell behind: the sample intervals whose arrivals
+    ran below 90% of the producer's rate, against all the others (cores are per second)."""
+    slow: list[tuple[float, ...]] = []
+    steady: list[tuple[float, ...]] = []
+    for a, b in itertools.pairwise(samples):
+        span = b[0] - a[0]
+        if span <= 0:
+            continue
+        row = (
+            (b[2] - a[2]) / span,
+            (b[3] - a[3]) / span,
+            (b[4] - a[4]) / span,
+            (b[5] - a[5]) / span,
+            (b[6] - a[6]) / span,
+        )
+        (slow if row[0] < 0.9 * rate else steady).append(row)
+
+    def mean(rows: list[tuple[float, ...]]) -> dict[str, float]:
+        if not rows:
+            return {}
+        keys = ("msgs_per_s", "relay_cores", "machine_busy_cores", "iowait_cores", "steal_cores")
+        return {k: round(sum(r[i] for r in rows) / len(rows), 3) for i, k in enumerate(keys)}
+
+    return {"count": len(slow), "of": len(slow) + len(steady), "slow": mean(slow), "steady": mean(steady)}
 
 
 def soak_line(s: dict[str, Any]) -> str:
@@ -860,7 +894,22 @@ def soak_line(s: dict[str, Any]) -> str:
         f"soak: RSS {s['rss_mb_at_warmup']:.1f} MB after warm-up, "
         f"peak {s['rss_mb_peak_after_warmup']:.1f} MB, last {s['rss_mb_last']:.1f} MB: {verdict}; "
         f"latency p50 {lat.get('p50_ms', float('nan')):.2f} ms, p99 {lat.get('p99_ms', float('nan')):.2f} ms"
-    )
+    ) + _slow_line(s.get("slow_intervals"))
+
+
+def _slow_line(slow: dict[str, Any] | None) -> str:
+    if not slow or not slow["count"]:
+        return ""
+    parts = []
+    for label in ("slow", "steady"):
+        m = slow[label]
+        if m:
+            parts.append(
+                f"{label}: {m['msgs_per_s']:,.0f} msg/s, relay {m['relay_cores']:.2f} cores, "
+                f"machine {m['machine_busy_cores']:.2f} busy, iowait {m['iowait_cores']:.2f}, "
+                f"steal {m['steal_cores']:.2f}"
+            )
+    return f"\nsoak: {slow['count']} of {slow['of']} intervals below 90% of the rate; " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- main

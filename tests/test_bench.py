@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import SCENARIOS
+from bench.run import SCENARIOS, slow_intervals, soak_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,3 +47,25 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
         assert summary["latency_samples"] > 0, key
     assert {"core_vs_bare", "js_core_vs_bare_js", "accounting_cost_core"} <= set(doc["ratios"])
     assert all(run["error"] is None and run["exit_code"] == 0 for run in doc["runs"])
+
+
+def test_the_soak_tells_the_intervals_where_the_relay_fell_behind_from_the_others() -> None:
+    # (seconds, RSS, arrived, relay CPU s, machine busy s, iowait s, steal s), rate 1000/s
+    samples = [
+        (0.0, 1, 0, 0.0, 0.0, 0.0, 0.0),
+        (5.0, 1, 5000, 2.5, 5.0, 0.0, 0.0),  # steady: 1000/s, half a core
+        (10.0, 1, 7000, 3.0, 14.0, 1.0, 2.0),  # slow: 400/s, the machine busy, steal
+        (15.0, 1, 12000, 5.5, 19.0, 1.0, 2.0),  # steady again
+    ]
+    result = slow_intervals(samples, 1000.0)
+    assert (result["count"], result["of"]) == (1, 3)
+    assert result["slow"] == {
+        "msgs_per_s": 400.0, "relay_cores": 0.1, "machine_busy_cores": 1.8,
+        "iowait_cores": 0.2, "steal_cores": 0.4,
+    }  # fmt: skip
+    assert result["steady"]["msgs_per_s"] == 1000.0
+    line = soak_line({
+        "rss_mb_at_warmup": 1.0, "rss_mb_peak_after_warmup": 1.0, "rss_mb_last": 1.0,
+        "flat_within_10pct": True, "latency": {}, "slow_intervals": result,
+    })  # fmt: skip
+    assert "1 of 3 intervals below 90% of the rate; slow: 400 msg/s, relay 0.10 cores" in line
