@@ -447,7 +447,7 @@ class CoreSource:
             except TimeoutError:
                 self.log.warning("source_queue_not_emptied", left=sub._pending_queue.qsize())
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:  # the queue is empty by now: nothing is lost here
+        if consumer is not None:  # the queue is empty by now (or the warning above says what was left)
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             assert self._consumer_args is not None
