@@ -12,12 +12,13 @@ takes it as an argument; such a test can import ``nats as nats_py`` or take ``na
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from forwarder.embedded import LocalCluster, LocalServer, pid_alive, start_cluster, start_server, stop_all
+from tests.integration.harness import ForwarderProcess
 
 
 class NatsFactory:
@@ -126,3 +127,19 @@ def target_server(nats_servers: NatsFactory) -> LocalServer:
 def target_cluster3(nats_servers: NatsFactory) -> LocalCluster:
     """A real 3-node core-NATS cluster (nodes target3-1..3), as one target cluster."""
     return nats_servers.cluster(name="target3", size=3)
+
+
+@pytest.fixture
+def forwarder(tmp_path: Path) -> Iterator[Callable[..., ForwarderProcess]]:
+    """``forwarder(config, env=..., name=...)`` starts ``forwarder run``; every process is
+    stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[ForwarderProcess] = []
+
+    def start(config: Path, *, env: dict[str, str] | None = None, name: str = "fwd") -> ForwarderProcess:
+        proc = ForwarderProcess(config, tmp_path / f"{name}.log", env=env or {}).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

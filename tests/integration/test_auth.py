@@ -15,7 +15,6 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,20 +157,6 @@ def secured(nats_servers: Any, tmp: Path, method: str, name: str, ca: CertAuthor
 @pytest.fixture
 def ca(tmp_path: Path) -> CertAuthority:
     return CertAuthority.create(tmp_path / "pki")
-
-
-@pytest.fixture
-def forwarder(tmp_path: Path) -> Iterator[Any]:
-    started: list[ForwarderProcess] = []
-
-    def start(config: Path, env: dict[str, str] | None = None, name: str = "fwd") -> ForwarderProcess:
-        proc = ForwarderProcess(config, tmp_path / f"{name}.log", env=env or {}).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 async def forward_through(src: Secured, tgt: Secured, count: int = 20) -> list[bytes]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import nats as nats_py
 import pytest
@@ -30,23 +29,9 @@ from tests.integration.client_support import (
     connect_all,
     urls,
 )
-from tests.integration.harness import ForwarderProcess, write_config
+from tests.integration.harness import write_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def forwarder(tmp_path: Path):
-    started: list[ForwarderProcess] = []
-
-    def start(config: Path, name: str = "fwd") -> ForwarderProcess:
-        proc = ForwarderProcess(config, tmp_path / f"{name}.log").start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 from forwarder.embedded import LocalCluster, LocalServer
 from tests.helpers import async_wait_until, wait_until
 from tests.integration.harness import (
-    ForwarderProcess,
     TargetCollector,
     asset_name,
     asset_of,
@@ -50,20 +49,6 @@ def topology(nats_servers, tmp_path: Path) -> tuple[LocalServer, dict[str, Local
 
 def urls(target: LocalServer | LocalCluster) -> list[str]:
     return target.urls if isinstance(target, LocalCluster) else [target.url]
-
-
-@pytest.fixture
-def forwarder(tmp_path: Path):
-    started: list[ForwarderProcess] = []
-
-    def start(config: Path, name: str = "fwd") -> ForwarderProcess:
-        proc = ForwarderProcess(config, tmp_path / f"{name}.log").start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 @pytest.fixture

@@ -43,21 +43,6 @@ RESPONSE_BUDGET = 0.100  # seconds: the issue's "every endpoint answers within 1
 
 
 @pytest.fixture
-def forwarder(tmp_path: Path):
-    """Start ``forwarder run`` processes; every one is stopped (SIGTERM, then SIGKILL) at teardown."""
-    started: list[ForwarderProcess] = []
-
-    def start(config: Path, name: str = "fwd") -> ForwarderProcess:
-        proc = ForwarderProcess(config, tmp_path / f"{name}.log").start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
 def three_targets(nats_servers) -> tuple[LocalServer, dict[str, LocalServer]]:
     source = nats_servers.server(name="source")
     targets = {name: nats_servers.server(name=name.lower()) for name in ("C1", "C2", "C3")}
