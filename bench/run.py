@@ -47,6 +47,7 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from bench import procstat
 from bench.load import RawPublisher, Sample, Traffic, VarzCounter, cycle, steady_slice
 from forwarder import embedded
+from forwarder.childproc import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -131,8 +132,8 @@ class RunResult:
 
 
 def _preexec() -> Callable[[], None] | None:
-    # The embedded servers' helper: the kernel SIGKILLs the child if the bench dies outright.
-    return embedded._pdeathsig_preexec()
+    # As for the embedded servers: the kernel SIGKILLs the child if the bench dies outright.
+    return die_with_parent(signal.SIGKILL)
 
 
 def spawn(

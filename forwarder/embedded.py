@@ -25,10 +25,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from .childproc import die_with_parent
 
 __all__ = [
     "EmbeddedError",
@@ -142,36 +144,6 @@ def pid_alive(pid: int) -> bool:
 
 # --- child process set-up -------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the server when its parent dies (Linux, main thread).
-
-    That covers the paths no ``finally`` reaches: a SIGKILLed demo, a crashed or killed test worker.
-    PDEATHSIG fires when the *thread* that forked exits, so a server started from a worker thread
-    would die with that thread: there we skip it and rely on stop()/atexit.
-    """
-    if sys.platform == "linux":
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        try:
-            prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):
-            return None
-        parent = os.getpid()
-        sigkill = int(signal.SIGKILL)
-
-        def preexec() -> None:
-            # Resolved above, in the parent: between fork and exec the child only makes the call.
-            prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os.kill(os.getpid(), sigkill)
-
-        return preexec
-    else:
-        return None
-
 
 def _popen(args: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
     # Own session (setsid): Ctrl-C in a terminal signals the whole foreground process group, and the
@@ -196,7 +168,7 @@ def _popen(args: list[str], log: IO[bytes], cwd: Path) -> subprocess.Popen[bytes
             cwd=cwd,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
 
 

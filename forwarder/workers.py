@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -63,6 +62,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
+from .childproc import die_with_parent
 from .config import ConnectionSettings, Settings, redact_url
 from .hashring import CachedRing, build_ring
 from .http import HttpServer, Response, _json
@@ -107,27 +107,6 @@ def worker_identity(env: Mapping[str, str] = os.environ) -> WorkerIdentity | Non
 
 
 # --------------------------------------------------------------------------- process set-up
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _worker_preexec() -> Callable[[], None] | None:
-    """Linux: the kernel sends the worker SIGTERM when the supervisor dies (a graceful drain)."""
-    if sys.platform != "linux":
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os.kill(os.getpid(), sigterm)
-
-    return preexec
 
 
 # --------------------------------------------------------------------------- talking to a worker
@@ -291,7 +270,7 @@ class Supervisor:
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches it through us only
-            preexec_fn=_worker_preexec(),
+            preexec_fn=die_with_parent(signal.SIGTERM),  # a graceful drain
         )
         worker.started_at = time.monotonic()
         worker.restart_at = None
