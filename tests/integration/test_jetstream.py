@@ -282,6 +282,33 @@ async def test_sigterm_mid_stream_exits_zero_and_loses_nothing(rig):
     await rig.verify()
 
 
+async def refused_for_good(fwd: ForwarderProcess, source_url: str, target_url: str, size: int) -> None:
+    """Between two small messages, one of ``size`` bytes that the target refuses for good: it
+    goes to the dead-letter subject once, and is acknowledged (never redelivered)."""
+    fwd.wait_ready()
+    nc = await nats.connect(source_url)
+    try:
+        dead: list[Any] = []
+
+        async def on_dead(msg: Any) -> None:
+            dead.append(msg)
+
+        await nc.subscribe("forwarder.dead", cb=on_dead)
+        js = nc.jetstream()
+        await js.publish("assets.a1.value", b"before")
+        await js.publish("assets.a1.value", b"x" * size)
+        await js.publish("assets.a1.value", b"after")
+        await async_wait_until(lambda: len(dead) == 1, 15, message=lambda: fwd.log_tail())
+        assert dead[0].headers["Forwarder-Error"].startswith("too_large")
+        await wait_stream([target_url], "TARGET", 2)
+        assert [d for _, d in await read_stream([target_url], "TARGET")] == [b"before", b"after"]
+        # Acknowledged: nothing is waiting to be redelivered.
+        await async_wait_until(lambda: fwd.metric("forwarder_source_lag_messages") == 0, 15)
+        assert fwd.metric('forwarder_redeliveries_total{cluster="C1"}') == 0
+    finally:
+        await nc.close()
+
+
 async def test_a_message_too_large_for_the_target_is_dead_lettered(nats_servers, tmp_path):
     source = nats_servers.server(name="source", jetstream=True)
     small = nats_servers.server(name="small", jetstream=True, max_payload=1024)
@@ -293,25 +320,7 @@ async def test_a_message_too_large_for_the_target_is_dead_lettered(nats_servers,
     )  # fmt: skip
     fwd = ForwarderProcess(config, tmp_path / "fwd.log").start()
     try:
-        fwd.wait_ready()
-        nc = await nats.connect(source.url)
-        dead: list[Any] = []
-
-        async def on_dead(msg: Any) -> None:
-            dead.append(msg)
-
-        await nc.subscribe("forwarder.dead", cb=on_dead)
-        js = nc.jetstream()
-        await js.publish("assets.a1.value", b"before")
-        await js.publish("assets.a1.value", b"x" * 4096)
-        await js.publish("assets.a1.value", b"after")
-        await async_wait_until(lambda: len(dead) == 1, 10)
-        assert dead[0].headers["Forwarder-Error"].startswith("too_large")
-        await wait_stream([small.url], "TARGET", 2)
-        assert [d for _, d in await read_stream([small.url], "TARGET")] == [b"before", b"after"]
-        # Acknowledged: nothing is waiting to be redelivered.
-        await async_wait_until(lambda: fwd.metric("forwarder_source_lag_messages") == 0, 15)
-        await nc.close()
+        await refused_for_good(fwd, source.url, small.url, 4096)
     finally:
         fwd.stop()
 
@@ -366,24 +375,6 @@ async def test_a_message_over_the_target_streams_size_limit_is_dead_lettered(nat
     )  # fmt: skip
     fwd = ForwarderProcess(config, tmp_path / "fwd.log").start()
     try:
-        fwd.wait_ready()
-        nc = await nats.connect(source.url)
-        dead: list[Any] = []
-
-        async def on_dead(msg: Any) -> None:
-            dead.append(msg)
-
-        await nc.subscribe("forwarder.dead", cb=on_dead)
-        js = nc.jetstream()
-        await js.publish("assets.a1.value", b"before")
-        await js.publish("assets.a1.value", b"y" * 2048)
-        await js.publish("assets.a1.value", b"after")
-        await async_wait_until(lambda: len(dead) == 1, 15, message=lambda: fwd.log_tail())
-        assert dead[0].headers["Forwarder-Error"].startswith("too_large")
-        await wait_stream([target.url], "TARGET", 2)
-        assert [d for _, d in await read_stream([target.url], "TARGET")] == [b"before", b"after"]
-        await async_wait_until(lambda: fwd.metric("forwarder_source_lag_messages") == 0, 15)
-        assert fwd.metric('forwarder_redeliveries_total{cluster="C1"}') == 0
-        await nc.close()
+        await refused_for_good(fwd, source.url, target.url, 2048)
     finally:
         fwd.stop()
