@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("demo", help="run the forwarder on embedded NATS servers with synthetic assets")
-    p.add_argument("--config", default=None, help="demo config (default: config/demo.yaml)")
+    p.add_argument("--config", default=None, help="demo config (default: the packaged forwarder/demo.yaml)")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     p.add_argument("--messages", type=int, default=None, help="stop after N messages")
     p.add_argument("--assets", type=int, default=2000, help="distinct assets (default 2000)")

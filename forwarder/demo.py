@@ -3,7 +3,7 @@
 The demo is the main job on a laptop with nothing but Python: it starts real
 nats-server processes (a source and three target clusters, one of them a 3-node
 cluster) on free loopback ports, runs the forwarder on them with
-``config/demo.yaml``, publishes synthetic asset messages, prints a live line a
+``forwarder/demo.yaml``, publishes synthetic asset messages, prints a live line a
 second and at the end checks what each target cluster received against what the
 ring says it should have received.
 """
@@ -34,7 +34,7 @@ from .config import ConfigError, Settings, load_config
 from .hashring import Ring, build_ring
 
 ITEMS = ("temperature", "pressure", "speed", "state", "energy")
-DEFAULT_DEMO_CONFIG = Path("config/demo.yaml")
+DEFAULT_DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # package data: works from any directory
 
 
 class AssetTraffic:
@@ -126,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else DEFAULT_DEMO_CONFIG
     if not config_path.is_file():
         print(
-            f"forwarder: demo config {config_path} not found (run from the repository, or pass --config)",
+            f"forwarder: demo config {config_path} not found",
             file=sys.stderr,
         )
         return 2
