@@ -31,7 +31,6 @@ import sys
 from typing import Any
 
 import nats
-import nats.errors
 import uvloop
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -90,7 +89,7 @@ async def run(args: argparse.Namespace) -> int:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(batch=500, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own or, past a deadline, the builtin one
                     continue
                 for msg in msgs:
                     subject = msg.subject
