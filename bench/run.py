@@ -99,6 +99,7 @@ SCENARIOS = {
     )
 }
 DEFAULT_SCENARIOS = (
+    "raw-ceiling",
     "bare-core",
     "fwd-core",
     "fwd-js-core",
@@ -687,6 +688,46 @@ def ratios(results: list[RunResult]) -> dict[str, Any]:
     return out
 
 
+LATENCY_GOAL_MS = 5.0
+LATENCY_JUDGED = {"fwd-core": "core", "fwd-js-core": "JS->core", "fwd-js-js": "JS->JS"}
+LATENCY_YARDSTICKS = {
+    "bare-core": "bare relay",
+    "bare-js": "bare JS relay",
+    "raw-ceiling": "raw-socket ceiling",
+}
+
+
+def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict[str, Any] | None:
+    """The p99 goal for each forwarder mode that ran, with the same run's yardsticks beside it:
+    on a machine that runs the servers too, they show how much of the figure is the machine's."""
+
+    def p99s(keys: dict[str, str]) -> dict[str, float]:
+        found = {k: summary.get(k, {}).get("latency_p99_ms", float("nan")) for k in keys}
+        return {k: v for k, v in found.items() if v == v}  # NaN: no latency run
+
+    judged = p99s(LATENCY_JUDGED)
+    if not judged:
+        return None
+    return {
+        "fraction": fraction,
+        "goal_ms": LATENCY_GOAL_MS,
+        "forwarder_p99_ms": judged,
+        "yardsticks_p99_ms": p99s(LATENCY_YARDSTICKS),
+        "met": max(judged.values()) < LATENCY_GOAL_MS,
+    }
+
+
+def latency_line(verdict: dict[str, Any]) -> str:
+    judged = ", ".join(f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["forwarder_p99_ms"].items())
+    yardsticks = ", ".join(
+        f"{LATENCY_YARDSTICKS[k]} {v:.1f} ms" for k, v in verdict["yardsticks_p99_ms"].items()
+    )
+    name = f"latency p99 at {verdict['fraction']:.2f}x max rate"
+    outcome = "met" if verdict["met"] else "MISSED"
+    line = f"{name:<40}{judged}  (goal < {verdict['goal_ms']:g} ms: {outcome})"
+    return f"{line}\n{'  the yardsticks in the same run':<40}{yardsticks}" if yardsticks else line
+
+
 def accounting_microbench(per_read: int = 100) -> dict[str, float]:
     """The per-message accounting statements alone, timed with the forwarder's own objects.
 
@@ -782,6 +823,8 @@ def table(summary: dict[str, dict[str, Any]], extra: dict[str, Any]) -> str:
                 f"{'metrics+logging cost, ' + name:<40}{share['share'] * 100:>6.1f}% of its CPU/msg "
                 f"(statements timed alone; goal < 5%: {verdict})"
             )
+    if extra.get("latency_goal"):
+        lines.append(latency_line(extra["latency_goal"]))
     for key, name in (("accounting_cost_core", "core"), ("accounting_cost_js_core", "JS->core")):
         if key in extra:
             r = extra[key]
@@ -1017,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
                         "goal": 0.05,
                         "met": share < 0.05,
                     }
+            extra["latency_goal"] = latency_verdict(summary, args.latency_fraction)
             doc |= {"summary": summary, "ratios": extra, "runs": [asdict(r) for r in results]}
             print()
             print(table(summary, extra))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import SCENARIOS, slow_intervals, soak_line
+from bench.run import SCENARIOS, latency_line, latency_verdict, slow_intervals, soak_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,6 +46,10 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
         assert summary["peak_rss_mb"] > 0, key
         assert summary["latency_samples"] > 0, key
     assert {"core_vs_bare", "js_core_vs_bare_js", "accounting_cost_core"} <= set(doc["ratios"])
+    verdict = doc["ratios"]["latency_goal"]
+    assert set(verdict["forwarder_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
+    assert set(verdict["yardsticks_p99_ms"]) == {"bare-core", "bare-js", "raw-ceiling"}
+    assert "latency p99 at 0.50x max rate" in proc.stdout
     assert all(run["error"] is None and run["exit_code"] == 0 for run in doc["runs"])
 
 
@@ -69,3 +73,30 @@ def test_the_soak_tells_the_intervals_where_the_relay_fell_behind_from_the_other
         "flat_within_10pct": True, "latency": {}, "slow_intervals": result,
     })  # fmt: skip
     assert "1 of 3 intervals below 90% of the rate; slow: 400 msg/s, relay 0.10 cores" in line
+
+
+def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_without_a_latency_run() -> None:
+    nan = float("nan")
+    summary = {
+        "fwd-core": {"latency_p99_ms": 3.0},
+        "fwd-js-core": {"latency_p99_ms": 4.9},
+        "fwd-js-js": {"latency_p99_ms": nan},  # --latency-seconds 0, or the run failed
+        "bare-core": {"latency_p99_ms": 2.5},
+        "raw-ceiling": {"runs": 0},
+    }
+    verdict = latency_verdict(summary, 0.5)
+    assert verdict is not None
+    assert verdict["met"] is True
+    assert verdict["forwarder_p99_ms"] == {"fwd-core": 3.0, "fwd-js-core": 4.9}
+    assert verdict["yardsticks_p99_ms"] == {"bare-core": 2.5}
+    assert latency_line(verdict).splitlines() == [
+        "latency p99 at 0.50x max rate           core 3.0 ms, JS->core 4.9 ms  (goal < 5 ms: met)",
+        "  the yardsticks in the same run        bare relay 2.5 ms",
+    ]
+    summary["fwd-js-js"]["latency_p99_ms"] = 5.0  # the goal is strictly under 5 ms
+    verdict = latency_verdict(summary, 0.25)
+    assert verdict is not None
+    assert verdict["met"] is False
+    assert "(goal < 5 ms: MISSED)" in latency_line(verdict)
+    no_latency_run = {"fwd-core": {"latency_p99_ms": nan}, "bare-core": {"latency_p99_ms": 1.0}}
+    assert latency_verdict(no_latency_run, 0.5) is None
