@@ -810,17 +810,19 @@ async def test_a_rejection_goes_to_the_dead_letter_lane(rig: Rig) -> None:
     assert rig.stats.received == 1
 
 
+def parked_message(headers: dict[str, str] | None) -> SourceMsg:
+    """``assets.pump-1.temp`` as the park stream (``PARK``, sequence 3) delivers it back for C1."""
+    reply = ack_subject(3, stream="PARK")
+    return message(subject="parked.C1.assets.pump-1.temp", reply=reply, headers=headers)
+
+
 @pytest.mark.parametrize("jetstream", [False, True], ids=["core", "jetstream"])
 async def test_the_replayer_restores_the_subject_and_the_identity(rig: Rig, jetstream: bool) -> None:
     lane = rig.lane(jetstream=jetstream)
     rig.routes["assets.pump-1.temp"] = (lane, "out.pump-1")
     rig.pipeline.start()
     replay = rig.pipeline.replayer("C1")
-    parked = message(
-        subject="parked.C1.assets.pump-1.temp",
-        reply=ack_subject(3, stream="PARK"),
-        headers={PARKED_ID_HEADER: "ASSETS:42", "Asset-Id": "pump-1"},
-    )
+    parked = parked_message({PARKED_ID_HEADER: "ASSETS:42", "Asset-Id": "pump-1"})
     await replay(parked)
     assert parked.subject == "assets.pump-1.temp"
     assert parked.origin_id == "ASSETS:42"
@@ -838,11 +840,7 @@ async def test_a_replayed_message_whose_original_had_no_headers_goes_out_without
     lane = rig.lane()
     rig.routes["assets.pump-1.temp"] = (lane, "out.pump-1")
     rig.pipeline.start()
-    parked = message(
-        subject="parked.C1.assets.pump-1.temp",
-        reply=ack_subject(3, stream="PARK"),
-        headers={PARKED_ID_HEADER: "ASSETS:42"},
-    )
+    parked = parked_message({PARKED_ID_HEADER: "ASSETS:42"})
     await rig.pipeline.replayer("C1")(parked)
     await rig.pipeline.stop()
     [(subject, _, headers, _)] = lane.cluster.published
@@ -854,11 +852,7 @@ async def test_a_replayed_message_for_a_cluster_still_down_is_nakd_not_parked_ag
     lane.cluster.connected = False
     rig.routes["assets.pump-1.temp"] = (lane, "out.pump-1")
     rig.pipeline.start()
-    parked = message(
-        subject="parked.C1.assets.pump-1.temp",
-        reply=ack_subject(3, stream="PARK"),
-        headers={PARKED_ID_HEADER: "ASSETS:42"},
-    )
+    parked = parked_message({PARKED_ID_HEADER: "ASSETS:42"})
     await rig.pipeline.replayer("C1")(parked)
     await rig.pipeline.stop()
     assert rig.source.parks == []
@@ -869,7 +863,7 @@ async def test_a_replayed_message_for_a_cluster_still_down_is_nakd_not_parked_ag
 async def test_a_replayed_message_without_the_parked_id_keeps_its_park_stream_identity(rig: Rig) -> None:
     lane = rig.lane(jetstream=True)
     rig.routes["assets.pump-1.temp"] = (lane, "out.pump-1")
-    parked = message(subject="parked.C1.assets.pump-1.temp", reply=ack_subject(3, stream="PARK"))
+    parked = parked_message(None)
     await rig.pipeline.replayer("C1")(parked)
     assert parked.origin_id == "PARK:3"
     assert lane.cluster.published[0][2] == {MSG_ID_HEADER: "PARK:3"}
