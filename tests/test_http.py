@@ -19,6 +19,7 @@ import pytest
 from forwarder import http
 from forwarder.http import MAX_ASSET_BYTES, MAX_REQUEST_BYTES, HttpServer, HttpThread
 from forwarder.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tests.helpers import async_wait_until
 
 
 class FakeProvider:
@@ -354,8 +355,10 @@ async def test_service_heartbeat_keeps_liveness_fresh(service, monkeypatch):
     service.loop_heartbeat = 0.0
     task = asyncio.get_running_loop().create_task(service._heartbeat())
     try:
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: service.loop_heartbeat > 0.0, 5, message="no first heartbeat")
         assert service.liveness()[0]
+        first = service.loop_heartbeat
+        await async_wait_until(lambda: service.loop_heartbeat > first, 5, message="no second heartbeat")
         assert time.monotonic() - service.loop_heartbeat < 1
     finally:
         task.cancel()

@@ -118,7 +118,7 @@ async def test_from_forwarder_url_looks_up_routes_and_reads_there(three, forward
                 await nc.publish(f"assets.{asset}.t", str(i).encode())
         await nc.close()
         await async_wait_until(lambda: got.count() >= 30, 10)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a stray or duplicate message would arrive now
         assert got.count() == 30
         assert all(got.payloads(a) == [str(i) for i in range(10)] for a in ("pump-1", "pump-2", "pump-3"))
         assert client.stats()["mode"] == "http"
@@ -227,7 +227,11 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
                 lambda: got.count() >= published, 15, message=lambda: f"got {got.count()} of {published}"
             )
             await async_wait_until(lambda: client.connected_clusters() == ["C2", "C3"], 10)
-            await asyncio.sleep(0.3)
+            # The server notices the closed C1 socket in its own time: polled, not a fixed pause.
+            await async_wait_until(
+                lambda: client_connections(targets["C1"]) == [], 5, message="C1 still lists the client"
+            )
+            await asyncio.sleep(0.3)  # a stray or duplicate message would arrive now
             for asset in wanted:
                 assert got.payloads(asset) == fwd.published[asset], asset
             assert got.count() == published
@@ -245,7 +249,6 @@ async def test_a_move_is_followed_without_loss_duplicate_or_reordering(nats_serv
                     moving
                 )  # the old cluster was kept until the switch
             assert client.subscriptions() == {a: new.cluster_for(a) for a in wanted}
-            assert client_connections(targets["C1"]) == []
             assert len(client_connections(targets["C2"])) == 1
             assert len(client_connections(targets["C3"])) == 1
     finally:
@@ -359,7 +362,7 @@ async def test_moves_during_a_live_topology_change_with_a_running_forwarder(thre
                 lambda: got.count() >= total, 20, message=lambda: f"got {got.count()}/{total}"
             )
             await async_wait_until(lambda: client.connected_clusters() == ["C2", "C3"], 15)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a stray or duplicate message would arrive now
             assert got.count() == total
             for asset in wanted:
                 assert got.payloads(asset) == published[asset], asset
