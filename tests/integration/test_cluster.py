@@ -27,6 +27,7 @@ from nats.protocol.command import pub_cmd
 
 from forwarder import logs
 from forwarder.cluster import (
+    BufferedWriter,
     ClusterClosedError,
     ClusterUnavailableError,
     MessageTooLargeError,
@@ -328,6 +329,41 @@ async def test_the_fast_path_writes_what_nats_py_would(nats_servers, make_cluste
         )
     await cluster.flush(5)
     assert await received(sub, len(cases)) == [payload for _, payload in cases]
+
+
+async def test_the_fast_path_with_headers_writes_what_nats_py_would(nats_servers, make_cluster, subscriber):
+    """JetStream targets' publishes (a reply subject for the PubAck, ``Nats-Msg-Id``, the source
+    message's headers) go out as the very bytes nats-py's ``publish`` would write."""
+    server = nats_servers.server(name="c1")
+    cluster = make_cluster("C1", server.url)
+    await cluster.connect()
+    nc = cluster.nc
+    assert nc is not None
+    writer = BufferedWriter.for_client(nc)
+    assert writer is not None
+    sub = await subscriber(server.url, "w.>")
+    cases: list[tuple[str, dict[str, str], bytes]] = [
+        ("w.a", {"Nats-Msg-Id": "ASSETS:1"}, b"x"),
+        ("w.ä", {" Asset-Id ": " pump-1 ", "Nats-Msg-Id": "ASSETS:2"}, b""),
+        ("w.b", {"Note": "two\r\nlines", "Unit": "°C", "Nats-Msg-Id": "ASSETS:3"}, b"\r\n" * 50),
+    ]
+    for subject, headers, payload in cases:
+        before = len(nc._pending)
+        await nc.publish(subject, payload, reply="_INBOX.r.1", headers=headers)
+        assert writer.write_with_headers(subject, "_INBOX.r.1", headers, payload)
+        by_nats_py, ours = nc._pending[before:]
+        assert ours == by_nats_py
+    for declined in ({"bad name": "v"}, {"  ": "blank"}, {"Nats-Msg-Id": "1", "ä": "v"}):
+        before = len(nc._pending)
+        assert not writer.write_with_headers("w.c", "_INBOX.r.2", declined, b"x")
+        assert len(nc._pending) == before, "a declined write leaves nothing behind"
+    await cluster.flush(5)
+    got = []
+    for _ in range(2 * len(cases)):
+        msg = await sub.next_msg(timeout=5)
+        got.append((msg.subject, msg.reply, msg.headers, msg.data))
+    assert got[0::2] == got[1::2]
+    assert got[2][2] == {"Asset-Id": "pump-1", "Nats-Msg-Id": "ASSETS:2"}  # case 1, as nats-py sent it
 
 
 async def test_try_publish_declines_while_disconnected(nats_servers, make_cluster):
