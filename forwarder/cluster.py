@@ -377,7 +377,7 @@ class BufferedWriter:
             if not name:
                 return False
             value = value.strip()
-            if "\r" in value or "\n" in value:  # (str.translate would cost microseconds every time)
+            if "\r" in value or "\n" in value:  # (str.translate: 0.5 µs even with nothing to replace)
                 value = value.replace("\r", " ").replace("\n", " ")
             block.append(b"%b%b\r\n" % (name, value.encode()))
         block.append(b"\r\n")
@@ -424,8 +424,8 @@ class PubAckWindow:
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
         self._next = 0
         # A counter and an event, not an asyncio.Semaphore: its acquire() scans every
-        # waiter on each call (locked()), a tenth of a JetStream target's cost once the
-        # window is full. Waking every waiter on a free place is fine: there are few.
+        # waiter on each call (locked()), which showed in profiles once the window was
+        # full. Waking every waiter on a free place is fine: there are few.
         self._free = max_pending
         self._room = asyncio.Event()
 
