@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -177,7 +178,7 @@ class NatsCluster:
         # nats-py retries the initial connect forever when max_reconnect_attempts < 0,
         # reporting each failure through error_cb (logged, rate-limited); what escapes it
         # is logged and retried by connect_with_retry.
-        nc = await connect_with_retry(ResilientClient, self.settings.connection, self._events)
+        nc = await connect_with_retry(TargetClient, self.settings.connection, self._events)
         async with self._lock:
             if self._closing:
                 await nc.close()
@@ -312,6 +313,36 @@ class NatsCluster:
         await confirmed_flush(nc, timeout)
 
 
+ReplyHandler = Callable[[bytes, bytes, bytes | None], None]  # (subject, payload, header block)
+
+
+class TargetClient(ResilientClient):
+    """nats-py's client for a target cluster; the PubAck inbox's replies skip its dispatch.
+
+    nats-py hands every message to a subscription through a ``Msg``, the subscription's
+    queue and its task: several microseconds, once per JetStream publish. The replies to
+    the PubAck window's inbox (its subscription's ``sid``) go to ``on_reply`` from the
+    read loop instead, as the bytes came; every other message takes nats-py's path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reply_sid = -1
+        self.on_reply: ReplyHandler | None = None
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        on_reply = self.on_reply
+        if sid != self.reply_sid or on_reply is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        on_reply(subject, data, headers)
+
+
 class BufferedWriter:
     """Appends PUB commands straight to a nats-py client's write buffer.
 
@@ -363,7 +394,7 @@ class BufferedWriter:
         self._append(nc, command)
         return True
 
-    def write_with_headers(self, subject: str, reply: str, headers: dict[str, str], payload: bytes) -> bool:
+    def write_with_headers(self, subject: str, reply: bytes, headers: dict[str, str], payload: bytes) -> bool:
         """An ``HPUB`` with a reply subject, the bytes nats-py's ``publish`` would write; False
         (nothing written) where ``write`` declines or a header name is one nats-py would skip
         or refuse: its ``publish`` then says so. The caller has checked the size."""
@@ -385,7 +416,7 @@ class BufferedWriter:
         size = len(header)
         command = b"H%b%b %d %d\r\n%b%b\r\n" % (
             self._prefixes[subject],
-            reply.encode(),
+            reply,
             size,
             size + len(payload),
             header,
@@ -420,8 +451,8 @@ class PubAckWindow:
     """
 
     def __init__(self, prefix: str, max_pending: int) -> None:
-        self._prefix = prefix
-        self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._prefix = prefix.encode()
+        self._futures: dict[bytes, asyncio.Future[PubAck]] = {}
         self._next = 0
         # A counter and an event, not an asyncio.Semaphore: its acquire() scans every
         # waiter on each call (locked()), which showed in profiles once the window was
@@ -432,7 +463,9 @@ class PubAckWindow:
     @classmethod
     async def open(cls, nc: Client, max_pending: int) -> PubAckWindow:
         window = cls(nc.new_inbox() + ".", max_pending)
-        await nc.subscribe(window._prefix + "*", cb=window._on_reply)
+        sub = await nc.subscribe(window._prefix.decode() + "*", cb=window._on_reply)
+        if isinstance(nc, TargetClient):
+            nc.reply_sid, nc.on_reply = sub._id, window.settle
         return window
 
     async def publish(
@@ -448,33 +481,43 @@ class PubAckWindow:
             await self._room.wait()
         self._free -= 1
         self._next += 1
-        token = str(self._next)
+        token = b"%d" % self._next
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
         future.add_done_callback(lambda _, token=token: self._settled(token))  # type: ignore[misc]
         reply = self._prefix + token
         try:
             if writer is None or not writer.write_with_headers(subject, reply, headers, payload):
-                await nc.publish(subject, payload, reply=reply, headers=headers)
+                await nc.publish(subject, payload, reply=reply.decode(), headers=headers)
         except BaseException:
             future.cancel()
             raise
         return future
 
-    def _settled(self, token: str) -> None:
+    def _settled(self, token: bytes) -> None:
         self._futures.pop(token, None)
         self._free += 1
         self._room.set()
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.get(msg.subject[len(self._prefix) :])
+        """A reply through nats-py's dispatch (a client other than ``TargetClient``)."""
+        no_responders = not msg.data and msg.headers is not None and msg.headers.get("Status") == "503"
+        self._resolve(msg.subject.encode(), msg.data, no_responders)
+
+    def settle(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+        """A reply as the read loop parsed it (``TargetClient``): it must not raise there."""
+        no_responders = not data and headers is not None and headers.startswith(b"NATS/1.0 503")
+        self._resolve(subject, data, no_responders)
+
+    def _resolve(self, subject: bytes, data: bytes, no_responders: bool) -> None:
+        future = self._futures.get(subject[len(self._prefix) :])
         if future is None or future.done():
             return
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+        if no_responders:
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
-            reply = json.loads(msg.data)
+            reply = json.loads(data)
             if "error" in reply:
                 error = reply["error"]
                 future.set_exception(

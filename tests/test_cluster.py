@@ -105,3 +105,17 @@ async def test_an_unreadable_pub_ack_fails_its_publish_instead_of_hanging(body: 
     await window._on_reply(Msg(_client=None, subject=nc.published[0][2], data=body))  # type: ignore[arg-type]
     assert isinstance(future.exception(), nats.js.errors.Error)
     assert "unreadable PubAck" in str(future.exception())
+
+
+async def test_replies_from_the_read_loop_settle_like_those_through_nats_py() -> None:
+    """``settle`` takes the bytes as the parser has them (TargetClient); it must never raise."""
+    window, nc = PubAckWindow(PREFIX, 10), RecordingClient()
+    accepted, no_stream = [await publish(window, nc, n) for n in range(2)]
+    replies = [p[2].encode() for p in nc.published]
+    window.settle(replies[1], b"", b"NATS/1.0 503\r\n\r\n")
+    window.settle(replies[0], b'{"stream":"OUT","seq":5}', None)
+    window.settle(replies[0], b'{"stream":"OUT","seq":6}', None)  # a second reply: ignored
+    window.settle(PREFIX.encode() + b"999", b"{}", None)  # no such publish: ignored
+    window.settle(PREFIX.encode(), b"", None)
+    assert accepted.result().seq == 5
+    assert isinstance(no_stream.exception(), nats.js.errors.NoStreamResponseError)

@@ -32,8 +32,9 @@ from forwarder.cluster import (
     ClusterUnavailableError,
     MessageTooLargeError,
     NatsCluster,
+    TargetClient,
 )
-from forwarder.config import ClusterSettings, ConnectionSettings
+from forwarder.config import ClusterSettings, ConnectionSettings, JetStreamTargetSettings
 from forwarder.embedded import LocalServer
 from forwarder.natsconn import header_block_size
 from tests.helpers import async_wait_until
@@ -350,12 +351,12 @@ async def test_the_fast_path_with_headers_writes_what_nats_py_would(nats_servers
     for subject, headers, payload in cases:
         before = len(nc._pending)
         await nc.publish(subject, payload, reply="_INBOX.r.1", headers=headers)
-        assert writer.write_with_headers(subject, "_INBOX.r.1", headers, payload)
+        assert writer.write_with_headers(subject, b"_INBOX.r.1", headers, payload)
         by_nats_py, ours = nc._pending[before:]
         assert ours == by_nats_py
     for declined in ({"bad name": "v"}, {"  ": "blank"}, {"Nats-Msg-Id": "1", "ä": "v"}):
         before = len(nc._pending)
-        assert not writer.write_with_headers("w.c", "_INBOX.r.2", declined, b"x")
+        assert not writer.write_with_headers("w.c", b"_INBOX.r.2", declined, b"x")
         assert len(nc._pending) == before, "a declined write leaves nothing behind"
     await cluster.flush(5)
     got = []
@@ -364,6 +365,41 @@ async def test_the_fast_path_with_headers_writes_what_nats_py_would(nats_servers
         got.append((msg.subject, msg.reply, msg.headers, msg.data))
     assert got[0::2] == got[1::2]
     assert got[2][2] == {"Asset-Id": "pump-1", "Nats-Msg-Id": "ASSETS:2"}  # case 1, as nats-py sent it
+
+
+async def test_pub_acks_reach_the_window_from_the_read_loop(nats_servers, make_cluster):
+    """A JetStream target's PubAcks (and its stream's refusals) settle their publishes without
+    going through nats-py's per-subscription queue and task."""
+    server = nats_servers.server(name="js", jetstream=True)
+    admin = await nats_py.connect(server.url)
+    try:
+        await admin.jetstream().add_stream(name="OUT", subjects=["out.>"], max_msg_size=1000)
+    finally:
+        await admin.close()
+    cluster = NatsCluster(
+        ClusterSettings(
+            name="C1",
+            connection=ConnectionSettings(servers=(server.url,), name="test-js"),
+            jetstream=JetStreamTargetSettings(max_pending=10, ack_timeout=5),
+        )
+    )
+    try:
+        await cluster.connect()
+        futures = [
+            await cluster.publish_async(f"out.{n}", b"x", {"Nats-Msg-Id": f"S:{n}"}) for n in range(20)
+        ]
+        again = await cluster.publish_async("out.0", b"x", {"Nats-Msg-Id": "S:0"})
+        refused = await cluster.publish_async("out.big", b"x" * 2000, {"Nats-Msg-Id": "S:big"})
+        await asyncio.wait_for(asyncio.gather(*futures, again, refused, return_exceptions=True), 10)
+        assert [f.result().seq for f in futures] == list(range(1, 21))
+        assert again.result().duplicate is True
+        assert isinstance(refused.exception(), nats_py.js.errors.APIError)
+        nc = cluster.nc
+        assert isinstance(nc, TargetClient)
+        assert nc._subs[nc.reply_sid]._received == 0, "a PubAck went through nats-py's dispatch"
+        assert nc.stats["in_msgs"] >= 22
+    finally:
+        await cluster.close()
 
 
 async def test_try_publish_declines_while_disconnected(nats_servers, make_cluster):
