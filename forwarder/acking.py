@@ -287,6 +287,15 @@ class ClusterLane(Lane):
             raise exc
 
 
+async def still_pending(futures: list[asyncio.Future[Any]], timeout: float) -> set[asyncio.Future[Any]]:
+    """The futures not done within ``timeout``; those done already (PubAcks that came back while
+    the batch filled) cost no callbacks: ``asyncio.wait`` adds and removes one on each."""
+    waiting = [f for f in futures if not f.done()]
+    if not waiting:
+        return set()
+    return (await asyncio.wait(waiting, timeout=timeout))[1]
+
+
 class JetStreamLane(ClusterLane):
     """A JetStream target: asynchronous publishes with ``Nats-Msg-Id``, confirmed by their PubAcks."""
 
@@ -311,7 +320,7 @@ class JetStreamLane(ClusterLane):
         self._enqueue((msg, subject, future))
 
     async def _confirm(self, batch: list[Any]) -> None:
-        _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
+        pending = await still_pending([f for _, _, f in batch], self.timeout)
         accepted: list[Msg] = []
         duplicates = 0
         for msg, subject, future in batch:
@@ -370,7 +379,7 @@ class ParkLane(Lane):
         self._enqueue((msg, lane, future))
 
     async def _confirm(self, batch: list[Any]) -> None:
-        _, pending = await asyncio.wait([f for _, _, f in batch], timeout=self.timeout)
+        pending = await still_pending([f for _, _, f in batch], self.timeout)
         parked: list[Msg] = []
         per_cluster: dict[str, int] = {}
         for msg, lane, future in batch:
