@@ -107,7 +107,8 @@ class NatsCluster:
         return self.settings.connection.pending_size
 
     def subscription_pending(self) -> tuple[int, int]:
-        """Messages and bytes received on this connection and not yet processed (PubAck replies)."""
+        """Messages and bytes received on this connection and not yet processed. (PubAcks are
+        processed as they are read, by ``TargetClient``: they never wait here.)"""
         nc = self.nc
         if nc is None:
             return 0, 0
@@ -377,6 +378,7 @@ class BufferedWriter:
             "_max_payload",
             "_status",
             "_flush_queue",
+            "_flusher_task",
         )
         if all(hasattr(nc, name) for name in needed) and isinstance(nc._flush_queue, asyncio.Queue):
             return cls(nc)
@@ -390,8 +392,11 @@ class BufferedWriter:
             or len(payload) > nc._max_payload
         ):
             return False
+        kick = self._queue.empty()  # the first write since the flusher last ran
+        if kick and not self._flusher_alive(nc):
+            return False
         command = b"%b%d\r\n%b\r\n" % (self._prefixes[subject], len(payload), payload)
-        self._append(nc, command)
+        self._append(nc, command, kick)
         return True
 
     def write_with_headers(self, subject: str, reply: bytes, headers: dict[str, str], payload: bytes) -> bool:
@@ -400,6 +405,9 @@ class BufferedWriter:
         or refuse: its ``publish`` then says so. The caller has checked the size."""
         nc = self._nc
         if nc._status != Client.CONNECTED or nc._pending_data_size > nc._max_pending_size:
+            return False
+        kick = self._queue.empty()
+        if kick and not self._flusher_alive(nc):
             return False
         names = self._header_names
         block = [b"NATS/1.0\r\n"]
@@ -422,13 +430,20 @@ class BufferedWriter:
             header,
             payload,
         )
-        self._append(nc, command)
+        self._append(nc, command, kick)
         return True
 
-    def _append(self, nc: Client, command: bytes) -> None:
+    @staticmethod
+    def _flusher_alive(nc: Client) -> bool:
+        """Whether nats-py's flusher task is there to send what a kick asks for (checked when
+        one is due: once per batch). Without it, nats-py's ``publish`` flushes inline."""
+        task = nc._flusher_task
+        return task is not None and not task.done()
+
+    def _append(self, nc: Client, command: bytes, kick: bool) -> None:
         nc._pending.append(command)
         nc._pending_data_size += len(command)
-        if self._queue.empty():
+        if kick:
             self._queue.put_nowait(self._kick)
 
 
@@ -516,7 +531,7 @@ class PubAckWindow:
         if no_responders:
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
-        try:
+        try:  # anything at all: this may run in nats-py's read loop, which an exception would end
             reply = json.loads(data)
             if "error" in reply:
                 error = reply["error"]
@@ -531,5 +546,5 @@ class PubAckWindow:
                 # The fields we read, without from_response's dataclass reflection per PubAck.
                 pub_ack = PubAck(stream=reply["stream"], seq=reply["seq"], duplicate=reply.get("duplicate"))
                 future.set_result(pub_ack)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except Exception as exc:
             future.set_exception(nats.js.errors.Error(f"unreadable PubAck: {type(exc).__name__}"))

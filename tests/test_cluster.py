@@ -74,6 +74,9 @@ async def test_a_cancelled_waiter_leaves_the_others_waiting_and_frees_nothing() 
     await asyncio.sleep(0)
     waiting[0].cancel()
     await asyncio.gather(waiting[0], return_exceptions=True)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiting[1].done(), "the cancelled waiter gave the other a place it never had"
     await window._on_reply(reply_to(nc.published[0][2], {"stream": "OUT", "seq": 1}))
     await async_wait_until(lambda: waiting[1].done(), 5)
     assert [p[0] for p in nc.published] == ["out.1", "out.3"]
@@ -98,7 +101,11 @@ async def test_a_pub_ack_a_refusal_and_no_responders_each_settle_their_own_publi
     assert isinstance(no_stream.exception(), nats.js.errors.NoStreamResponseError)
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"seq": 1}'], ids=["not-json", "a-list", "no-stream"])
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"seq": 1}', b"[" * 100_000],
+    ids=["not-json", "a-list", "no-stream", "nested-past-the-recursion-limit"],
+)
 async def test_an_unreadable_pub_ack_fails_its_publish_instead_of_hanging(body: bytes) -> None:
     window, nc = PubAckWindow(PREFIX, 10), RecordingClient()
     future = await publish(window, nc, 1)
@@ -119,3 +126,18 @@ async def test_replies_from_the_read_loop_settle_like_those_through_nats_py() ->
     window.settle(PREFIX.encode(), b"", None)
     assert accepted.result().seq == 5
     assert isinstance(no_stream.exception(), nats.js.errors.NoStreamResponseError)
+
+
+class FailingClient(RecordingClient):
+    async def publish(self, subject: str, payload: bytes, *, reply: str, headers: dict[str, str]) -> None:
+        raise OSError("connection lost mid-write")
+
+
+async def test_a_publish_that_fails_to_write_gives_its_place_back() -> None:
+    window = PubAckWindow(PREFIX, 1)
+    for _ in range(3):  # with a window of one, a place not given back would block the second
+        with pytest.raises(OSError, match="mid-write"):
+            await asyncio.wait_for(publish(window, FailingClient(), 1), 5)
+    nc = RecordingClient()
+    await asyncio.wait_for(publish(window, nc, 2), 5)
+    assert len(nc.published) == 1

@@ -402,26 +402,62 @@ async def test_pub_acks_reach_the_window_from_the_read_loop(nats_servers, make_c
         await cluster.close()
 
 
-async def test_try_publish_declines_while_disconnected(nats_servers, make_cluster):
+MSG_ID = {"Nats-Msg-Id": "S:1"}
+
+
+def writer_of(cluster: NatsCluster) -> BufferedWriter:
+    assert cluster.nc is not None
+    writer = BufferedWriter.for_client(cluster.nc)
+    assert writer is not None
+    return writer
+
+
+async def test_the_fast_paths_decline_while_disconnected(nats_servers, make_cluster):
     server = nats_servers.server(name="c1")
     cluster = make_cluster("C1", server.url)
     await cluster.connect()
+    writer = writer_of(cluster)
     server.kill()
     await async_wait_until(lambda: not cluster.connected, 10)
     assert not cluster.try_publish("t.x", b"down")
+    assert not writer.write_with_headers("t.x", b"_INBOX.r.1", MSG_ID, b"down")
 
 
-async def test_try_publish_declines_when_the_buffer_is_full(nats_servers, make_cluster):
+async def test_the_fast_paths_decline_when_the_buffer_is_full(nats_servers, make_cluster):
     server = nats_servers.server(name="c1")
     cluster = make_cluster("C1", server.url, pending_size=64 * 1024)
     await cluster.connect()
+    writer = writer_of(cluster)
     assert cluster.nc is not None
     cluster.nc._pending_data_size = 64 * 1024 + 1  # as if the flusher had fallen behind
     try:
         assert not cluster.try_publish("t.x", b"full")
+        assert not writer.write_with_headers("t.x", b"_INBOX.r.1", MSG_ID, b"full")
     finally:
         cluster.nc._pending_data_size = 0
     assert cluster.try_publish("t.x", b"room again")
+    assert writer.write_with_headers("t.x", b"_INBOX.r.1", MSG_ID, b"room again")
+
+
+async def test_without_nats_py_s_flusher_the_fast_paths_decline_and_publish_still_delivers(
+    nats_servers, make_cluster, subscriber
+):
+    """A buffer that nobody sends would hold messages until the next PING: nats-py's own
+    ``publish`` flushes inline when its flusher task is gone, so the fast paths leave it to it."""
+    server = nats_servers.server(name="c1")
+    cluster = make_cluster("C1", server.url)
+    await cluster.connect()
+    writer = writer_of(cluster)
+    sub = await subscriber(server.url, "t.>")
+    nc = cluster.nc
+    assert nc is not None
+    assert nc._flusher_task is not None
+    nc._flusher_task.cancel()
+    await asyncio.gather(nc._flusher_task, return_exceptions=True)
+    assert not cluster.try_publish("t.x", b"no flusher")
+    assert not writer.write_with_headers("t.x", b"_INBOX.r.1", MSG_ID, b"no flusher")
+    await cluster.publish("t.x", b"inline")
+    assert (await sub.next_msg(timeout=5)).data == b"inline"
 
 
 async def test_message_too_large_counts_headers_and_keeps_the_connection(
