@@ -642,6 +642,7 @@ def summarise(results: list[RunResult], order: list[str]) -> dict[str, dict[str,
             "latency_p50_ms": median([r.latency.get("p50_ms", float("nan")) for r in runs]),
             "latency_p99_ms": median([r.latency.get("p99_ms", float("nan")) for r in runs]),
             "latency_samples": sum(int(r.latency.get("count", 0)) for r in runs),
+            "latency_rate": median([r.latency_rate for r in runs if r.latency]),
             "peak_rss_mb": max(r.peak_rss_mb for r in runs),
             "processes": max(r.processes for r in runs),
             "lost": sum(r.lost for r in runs),
@@ -708,20 +709,30 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
     judged = p99s(LATENCY_JUDGED)
     if not judged:
         return None
+    yardsticks = p99s(LATENCY_YARDSTICKS)
     return {
         "fraction": fraction,
         "goal_ms": LATENCY_GOAL_MS,
         "forwarder_p99_ms": judged,
-        "yardsticks_p99_ms": p99s(LATENCY_YARDSTICKS),
+        "yardsticks_p99_ms": yardsticks,
+        # each relay's own half: a faster relay is judged at a higher rate
+        "rates": {k: summary[k].get("latency_rate", float("nan")) for k in [*judged, *yardsticks]},
         "met": max(judged.values()) < LATENCY_GOAL_MS,
     }
 
 
 def latency_line(verdict: dict[str, Any]) -> str:
-    judged = ", ".join(f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["forwarder_p99_ms"].items())
-    yardsticks = ", ".join(
-        f"{LATENCY_YARDSTICKS[k]} {v:.1f} ms" for k, v in verdict["yardsticks_p99_ms"].items()
-    )
+    rates = verdict.get("rates", {})
+
+    def shown(names: dict[str, str], p99s: dict[str, float]) -> str:
+        def at(key: str) -> str:
+            rate = rates.get(key, float("nan"))
+            return f" at {rate / 1000:.0f}k/s" if rate == rate else ""
+
+        return ", ".join(f"{names[k]} {v:.1f} ms{at(k)}" for k, v in p99s.items())
+
+    judged = shown(LATENCY_JUDGED, verdict["forwarder_p99_ms"])
+    yardsticks = shown(LATENCY_YARDSTICKS, verdict["yardsticks_p99_ms"])
     name = f"latency p99 at {verdict['fraction']:.2f}x max rate"
     outcome = "met" if verdict["met"] else "MISSED"
     line = f"{name:<40}{judged}  (goal < {verdict['goal_ms']:g} ms: {outcome})"

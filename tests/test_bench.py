@@ -78,10 +78,10 @@ def test_the_soak_tells_the_intervals_where_the_relay_fell_behind_from_the_other
 def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_without_a_latency_run() -> None:
     nan = float("nan")
     summary = {
-        "fwd-core": {"latency_p99_ms": 3.0},
+        "fwd-core": {"latency_p99_ms": 3.0, "latency_rate": 40_000.0},
         "fwd-js-core": {"latency_p99_ms": 4.9},
         "fwd-js-js": {"latency_p99_ms": nan},  # --latency-seconds 0, or the run failed
-        "bare-core": {"latency_p99_ms": 2.5},
+        "bare-core": {"latency_p99_ms": 2.5, "latency_rate": 36_400.0},
         "raw-ceiling": {"runs": 0},
     }
     verdict = latency_verdict(summary, 0.5)
@@ -90,8 +90,8 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
     assert verdict["forwarder_p99_ms"] == {"fwd-core": 3.0, "fwd-js-core": 4.9}
     assert verdict["yardsticks_p99_ms"] == {"bare-core": 2.5}
     assert latency_line(verdict).splitlines() == [
-        "latency p99 at 0.50x max rate           core 3.0 ms, JS->core 4.9 ms  (goal < 5 ms: met)",
-        "  the yardsticks in the same run        bare relay 2.5 ms",
+        "latency p99 at 0.50x max rate           core 3.0 ms at 40k/s, JS->core 4.9 ms  (goal < 5 ms: met)",
+        "  the yardsticks in the same run        bare relay 2.5 ms at 36k/s",
     ]
     summary["fwd-js-js"]["latency_p99_ms"] = 5.0  # the goal is strictly under 5 ms
     verdict = latency_verdict(summary, 0.25)
