@@ -91,7 +91,7 @@ from .config import (
     redact_url,
 )
 from .hashring import CachedRing
-from .natsconn import connect_options, describe_error
+from .natsconn import connect_options, describe_error, telling_reason
 from .topology import GRACE_ID_HEADER, Topology, strip_userinfo
 from .topology_store import Stored, StoreError, TopologyStore
 
@@ -290,6 +290,7 @@ class _Events:
         self.first_connect = True  # failed attempts then end in one AssetClientError, not a log line each
         self.closing = False  # our own close: its disconnect is no event
         self._last_slow_log = 0.0
+        self._reason_sticks_until = 0.0
 
     async def error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -300,10 +301,11 @@ class _Events:
                 log.warning("%s: slow consumer: %d messages dropped", self.label, self.slow_consumer_dropped)
             return
         self.errors += 1
-        self.last_error = describe_error(exc)
-        log.log(
-            logging.DEBUG if self.first_connect else logging.WARNING, "%s: %s", self.label, self.last_error
+        self.last_error, self._reason_sticks_until = telling_reason(
+            exc, self.last_error, self._reason_sticks_until
         )
+        level = logging.DEBUG if self.first_connect else logging.WARNING
+        log.log(level, "%s: %s", self.label, describe_error(exc))
 
     async def disconnected(self) -> None:
         if self.connected and not self.closing:
@@ -311,9 +313,13 @@ class _Events:
             log.warning("%s: disconnected", self.label)
         self.connected = False
 
+    def now_connected(self) -> None:
+        self.connected = True
+        self._reason_sticks_until = 0.0  # a refused login no longer explains what comes next
+
     async def reconnected(self) -> None:
         self.reconnects += 1
-        self.connected = True
+        self.now_connected()
         log.info("%s: reconnected", self.label)
 
     async def closed(self) -> None:
@@ -389,7 +395,7 @@ class _Conn:
             self.nc = nc
             self._failure = None
             self.events.first_connect = False
-            self.events.connected = True
+            self.events.now_connected()
             log.info("%s: connected", self.label)
             return nc
 

@@ -214,6 +214,19 @@ def needs_attention(exc: BaseException) -> bool:
     return "authorization" in text or "authentication" in text
 
 
+def telling_reason(exc: BaseException, shown: str | None, sticks_until: float) -> tuple[str, float]:
+    """The reason to show after ``exc``, and until when it outranks what follows: an auth or TLS
+    error stays the reason for ``ATTENTION_STICKS`` seconds, so that the connection reset which
+    follows a refused login (the server closes the socket, sometimes before its ``-ERR`` is
+    read) does not hide why the connection fails. ``shown``: the reason shown so far."""
+    now = time.monotonic()
+    if needs_attention(exc):
+        return describe_error(exc), now + ATTENTION_STICKS
+    if now < sticks_until and shown is not None:
+        return shown, sticks_until
+    return describe_error(exc), sticks_until
+
+
 class ConnectionEvents:
     """nats-py callbacks that log each event once, with the connection's label, and count it."""
 
@@ -269,16 +282,10 @@ class ConnectionEvents:
         self.limited.log(level, "connection_error", type(exc).__name__, error=text)
 
     def _record(self, exc: BaseException) -> str:
-        """Set ``last_error``, except that the reset which follows a refused login does not hide
-        the refusal: an auth or TLS error stays the reason for a while (or until connected)."""
-        text = describe_error(exc)
-        now = time.monotonic()
-        if needs_attention(exc):
-            self._attention_until = now + ATTENTION_STICKS
-        elif now < self._attention_until and self.stats.last_error is not None:
-            return text
-        self.stats.last_error = text
-        return text
+        """Set ``last_error`` (see ``telling_reason``); the text of this error, for the log."""
+        stats = self.stats
+        stats.last_error, self._attention_until = telling_reason(exc, stats.last_error, self._attention_until)
+        return describe_error(exc)
 
     def connect_failed(self, exc: BaseException, retry_in: float) -> None:
         """A connect round that nats-py gave up on (or that could not start): said, then retried."""

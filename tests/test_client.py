@@ -7,6 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -15,6 +16,7 @@ from forwarder.client import (
     AssetClient,
     AssetClientError,
     GraceIds,
+    _Events,
     derive_subject,
     env_connection,
     settings_from_env,
@@ -237,3 +239,14 @@ def test_forwarder_watch_is_a_cli_command():
     args = build_parser().parse_args(["watch", "-c", "f.yaml", "pump-7", "--subject", "assets.pump-7"])
     assert (args.config, args.asset, args.subject) == ("f.yaml", "pump-7", "assets.pump-7")
     assert build_parser().parse_args(["watch", "pump-7"]).subject is None
+
+
+async def test_the_client_tells_a_refused_login_over_the_reset_that_follows_it() -> None:
+    events = _Events("cluster C1")
+    await events.error(nats.errors.AuthorizationError())
+    await events.error(ConnectionResetError(104, "Connection reset by peer"))
+    assert events.last_error is not None
+    assert "authorization" in events.last_error
+    events.now_connected()  # connected since: the next failure is news again
+    await events.error(ConnectionResetError(104, "Connection reset by peer"))
+    assert "reset" in events.last_error

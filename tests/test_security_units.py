@@ -11,6 +11,7 @@ import pytest
 
 from forwarder.logs import redactor
 from forwarder.natsconn import (
+    ATTENTION_STICKS,
     MAX_CREDENTIALS_BYTES,
     CredentialsError,
     credentials_callbacks,
@@ -18,6 +19,7 @@ from forwarder.natsconn import (
     needs_attention,
     read_credentials,
     read_seed,
+    telling_reason,
 )
 from forwarder.pipeline import TRUNCATED_HEADER, DeadLetters
 from forwarder.router import BAD_HEADERS, MalformedHeaders, Rejection
@@ -137,6 +139,25 @@ def test_a_seed_file(tmp_path):
 def test_errors_that_need_a_human_are_told_apart(exc, attention, shown):
     assert needs_attention(exc) is attention
     assert shown in describe_error(exc)
+
+
+def test_a_refused_login_stays_the_reason_over_the_resets_that_follow_it(monkeypatch):
+    """The server closes the socket after its -ERR, and a client sometimes reads the reset
+    first: the refusal, seen once, must still be what a person is told."""
+    now = 1000.0
+    monkeypatch.setattr("forwarder.natsconn.time.monotonic", lambda: now)
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    refused = nats.errors.AuthorizationError()
+    shown, until = telling_reason(reset, None, 0.0)
+    assert "reset" in shown
+    shown, until = telling_reason(refused, shown, until)
+    assert "authorization" in shown
+    assert until == now + ATTENTION_STICKS
+    now += ATTENTION_STICKS - 1
+    assert telling_reason(reset, shown, until) == (shown, until)  # still the refusal
+    now += 2
+    later, _ = telling_reason(reset, shown, until)
+    assert "reset" in later  # long enough without a refusal: the reset is the news
 
 
 # --------------------------------------------------------------------------- header blocks
