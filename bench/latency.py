@@ -1,26 +1,41 @@
 """The latency probe: subscribes on every target to a sample of the assets and records, for
-each message it sees, receipt time minus the send stamp in the payload.
+each message it sees, its arrival time minus the send stamp in the payload.
 
-Listening to a sample (every Nth asset, spread over all clusters by the hash) keeps
-the probe's own CPU small on a 2-core machine while still seeing thousands of
-messages a run. Run as ``python -m bench.latency --target URL ... --asset ID ...``;
-prints ``ready`` once subscribed; when its stdin closes it prints one JSON line
-(count and percentiles in milliseconds) and exits.
+It also subscribes on the source to the same assets (``--source``): the latency a
+subscriber there sees is what the producer, the source server and this machine add
+before any relay is involved (``source_*``).
+
+Arrival is when the message reached the probe's socket: the kernel's receive timestamp
+(``SO_TIMESTAMPNS``) of the read that completed it. The time the probe itself then took
+to be scheduled and to parse is not the forwarder's, and on a busy 2-core machine it is
+the largest part of the tail: it is recorded apart (``app_*``: the time the probe's
+code saw the message, what a subscriber written in Python would see). Reads are small
+(a few KiB), so the timestamp of a read is that of the server's write the message came in.
+
+Plain sockets and ``select``, no nats-py and no asyncio: at a sample of every Nth
+asset this costs a few percent of a core. Run as
+``python -m bench.latency --target URL ... --asset ID ...``; prints ``ready`` once
+subscribed; when its stdin closes it prints one JSON line (count and percentiles in
+milliseconds) and exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
+import select
+import socket
+import struct
 import sys
 import time
 from typing import Any
 
-import nats
-import uvloop
+from bench.load import STAMP_AT, STAMP_LEN, complete_msgs
 
-from bench.load import STAMP_AT, STAMP_LEN
+READ_SIZE = 4096  # small reads: the timestamp of each is that of (nearly) one server write
+TIMESPEC = struct.Struct("@ll")  # struct timespec: tv_sec, tv_nsec
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -30,48 +45,118 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[k])
 
 
-def summary(latencies_ns: list[int]) -> dict[str, Any]:
+def summary(latencies_ns: list[int], prefix: str = "") -> dict[str, Any]:
     values = sorted(latencies_ns)
     ms = 1e6
     return {
-        "count": len(values),
-        "p50_ms": percentile(values, 0.50) / ms,
-        "p90_ms": percentile(values, 0.90) / ms,
-        "p99_ms": percentile(values, 0.99) / ms,
-        "max_ms": (values[-1] / ms) if values else float("nan"),
+        f"{prefix}count": len(values),
+        f"{prefix}p50_ms": percentile(values, 0.50) / ms,
+        f"{prefix}p90_ms": percentile(values, 0.90) / ms,
+        f"{prefix}p99_ms": percentile(values, 0.99) / ms,
+        f"{prefix}max_ms": (values[-1] / ms) if values else float("nan"),
     }
 
 
-async def run(args: argparse.Namespace) -> int:
-    latencies: list[int] = []
-    now = time.monotonic_ns
-    end = STAMP_AT + STAMP_LEN
+def realtime_to_monotonic_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC now (the kernel stamps in the first, the producer in
+    the second); the closest of a few tries."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        r = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+    assert best is not None
+    return best[1]
 
-    async def on_msg(msg: Any) -> None:
-        latencies.append(now() - int(msg.data[STAMP_AT:end]))
 
-    conns = []
-    for url in args.target:
-        nc = await nats.connect(url, name="bench-latency-probe")
-        for asset in args.asset:
-            await nc.subscribe(f"{args.prefix}.{asset}.>", cb=on_msg)
-        await nc.flush()
-        conns.append(nc)
+class Subscriber:
+    """One raw NATS connection with subscriptions; parses ``MSG`` frames as they complete."""
+
+    def __init__(self, url: str, subjects: list[str], arrivals: list[int], seen: list[int]) -> None:
+        self.arrivals = arrivals
+        self.seen = seen
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.buf = b""
+        connect = json.dumps({"verbose": False, "pedantic": False, "name": "bench-latency-probe"})
+        subs = "".join(f"SUB {s} {sid}\r\n" for sid, s in enumerate(subjects, 1))
+        self.sock.sendall(f"CONNECT {connect}\r\n{subs}PING\r\n".encode())
+        while b"PONG\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"{url} closed the connection")
+            self.buf += chunk
+        self.buf = b""  # INFO and the PONG: nothing was published to us yet
+        self.sock.setblocking(False)
+
+    def read(self) -> None:
+        """Whatever the socket holds: for each complete message, its socket arrival and the time
+        the probe saw it, minus its stamp (ns)."""
+        offset = realtime_to_monotonic_ns()
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, 256)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionError("a target closed the probe's connection")
+            now = time.monotonic_ns()
+            arrived = now
+            for level, kind, value in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = TIMESPEC.unpack(value[: TIMESPEC.size])
+                    arrived = sec * 1_000_000_000 + nsec - offset
+            self.buf += data
+            self._parse(arrived, now)
+
+    def _parse(self, arrived: int, now: int) -> None:
+        buf = self.buf
+        msgs, used, ping = complete_msgs(buf)
+        if ping:
+            self.sock.sendall(b"PONG\r\n")
+        for _subject, start, _end in msgs:
+            stamp = int(buf[start + STAMP_AT : start + STAMP_AT + STAMP_LEN])
+            self.arrivals.append(arrived - stamp)
+            self.seen.append(now - stamp)
+        self.buf = buf[used:]
+
+
+def run(args: argparse.Namespace) -> int:
+    subjects = [f"{args.prefix}.{asset}.>" for asset in args.asset]
+    arrivals: list[int] = []
+    seen: list[int] = []
+    at_source: list[int] = []
+    subscribers = [Subscriber(url, subjects, arrivals, seen) for url in args.target]
+    if args.source:
+        subscribers.append(Subscriber(args.source, subjects, at_source, []))
+    by_fd = {sub.sock.fileno(): sub for sub in subscribers}
     print("ready", flush=True)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.read)  # until the bench closes our stdin
-    for nc in conns:
-        await nc.drain()
-    print(json.dumps(summary(latencies)), flush=True)
-    return 0
+    stdin = sys.stdin.fileno()
+    while True:
+        ready, _, _ = select.select([stdin, *by_fd], [], [])
+        for fd in ready:
+            if fd == stdin:
+                if not os.read(stdin, 4096):  # the bench closed our stdin: report
+                    for sub in subscribers:  # what already arrived
+                        sub.read()
+                    report = summary(arrivals) | summary(seen, "app_") | summary(at_source, "source_")
+                    print(json.dumps(report), flush=True)
+                    return 0
+            else:
+                by_fd[fd].read()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.latency")
     p.add_argument("--target", action="append", required=True)
     p.add_argument("--asset", action="append", required=True)
+    p.add_argument("--source", help="also subscribe here: the latency before any relay")
     p.add_argument("--prefix", default="assets")
-    return int(uvloop.run(run(p.parse_args(argv))))
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -197,5 +197,35 @@ def steady_slice(
     return a, b
 
 
+def complete_msgs(buf: bytes) -> tuple[list[tuple[bytes, int, int]], int, bool]:
+    """The complete ``MSG`` frames at the front of ``buf`` (what the server sends a plain
+    subscriber): (subject, payload start, payload end) of each, how many bytes they and the
+    control lines between them took, and whether a ``PING`` was among those lines (answer it).
+    A ``-ERR`` raises."""
+    msgs: list[tuple[bytes, int, int]] = []
+    ping = False
+    pos = 0
+    end = len(buf)
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            break
+        if buf.startswith(b"MSG ", pos):
+            parts = buf[pos + 4 : eol].split(b" ")
+            start = eol + 2
+            stop = start + int(parts[-1])
+            if stop + 2 > end:
+                break
+            msgs.append((parts[0], start, stop))
+            pos = stop + 2
+        else:
+            if buf.startswith(b"PING", pos):
+                ping = True
+            elif buf.startswith(b"-ERR", pos):
+                raise ConnectionError(buf[pos:eol].decode(errors="replace"))
+            pos = eol + 2
+    return msgs, pos, ping
+
+
 def monotonic_ns() -> int:
     return time.monotonic_ns()

@@ -17,6 +17,8 @@ import signal
 import socket
 import sys
 
+from bench.load import complete_msgs
+
 
 def connect(url: str, subscribe: str | None = None) -> socket.socket:
     host, port = url.removeprefix("nats://").rsplit(":", 1)
@@ -61,28 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         if not data:
             return 1
         buf += data
-        out = []
-        pos = 0
-        end = len(buf)
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            if buf.startswith(b"MSG ", pos):
-                parts = buf[pos + 4 : eol].split(b" ")
-                size = int(parts[-1])
-                stop_at = eol + 2 + size + 2
-                if stop_at > end:
-                    break
-                out.append(b"PUB %s %d\r\n" % (parts[0], size))
-                out.append(buf[eol + 2 : stop_at])
-                pos = stop_at
-            else:
-                if buf.startswith(b"PING", pos):
-                    src.sendall(b"PONG\r\n")
-                pos = eol + 2
-        if out:
-            dst.sendall(b"".join(out))
+        msgs, pos, ping = complete_msgs(buf)
+        if ping:
+            src.sendall(b"PONG\r\n")
+        if msgs:
+            dst.sendall(b"".join([b"PUB %s %d\r\n%s\r\n" % (s, e - b, buf[b:e]) for s, b, e in msgs]))
         buf = buf[pos:]
     dst.sendall(b"PING\r\n")
     return 0

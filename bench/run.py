@@ -1,9 +1,11 @@
 """``make bench``: the forwarder against a bare nats-py relay, in one run, on embedded servers.
 
-One source server (JetStream) and three target servers (single nodes: the bench
-measures the relay, not NATS clustering) on loopback. Every scenario runs its relay
-in its own process; scenarios are interleaved (A B C ... A B C ...) so that the noise
-of a shared 2-core machine hits all of them alike. For each scenario and repetition:
+One source server (JetStream enabled; its stream exists only during a run with a
+JetStream source, so that in a core run it stores nothing) and three target servers
+(single nodes: the bench measures the relay, not NATS clustering) on loopback. Every
+scenario runs its relay in its own process; scenarios are interleaved (A B C ... A B C ...)
+so that the noise of a shared 2-core machine hits all of them alike. For each scenario
+and repetition:
 
 1. throughput: core source: a raw-socket producer keeps a bounded window of messages
    ahead of the relay (so nothing is dropped as a slow consumer and the relay always
@@ -11,7 +13,8 @@ of a shared 2-core machine hits all of them alike. For each scenario and repetit
    Arrivals are counted on the targets' ``/varz`` ``in_msgs``; messages/s and the
    relay's CPU per message come from the steady part of the run (10%..90% arrived);
 2. latency at half that rate: paced, time-stamped messages; a probe subscribed to a
-   sample of the assets on every target computes receipt minus stamp (p50/p99);
+   sample of the assets on every target takes the kernel's receive time of each minus
+   its stamp (p50/p99), and the same on the source: the latency before any relay;
 3. peak RSS (VmHWM) of the relay's processes.
 
 It prints a table, the ratios issue 7 asks for, and writes a JSON file into
@@ -237,9 +240,7 @@ class Rig:
             self.servers.append(target)
             self.targets.append(target)
         self.arrivals = VarzCounter([t.http_port for t in self.targets])
-        storage = StorageType.MEMORY if self.args.storage == "memory" else StorageType.FILE
         self.max_msgs = max(1_000_000, int(self.args.messages * 1.5))
-        asyncio.run(self._add_stream(self.source.url, SOURCE_STREAM, storage))
 
     def close(self) -> None:
         try:
@@ -265,22 +266,27 @@ class Rig:
         finally:
             await nc.close()
 
-    async def _reset_source(self) -> None:
-        """Purge the source stream and delete its consumers: each run starts from nothing."""
+    def _storage(self) -> StorageType:
+        return StorageType.MEMORY if self.args.storage == "memory" else StorageType.FILE
+
+    async def _source_stream(self, present: bool) -> None:
+        """Create the source stream for a JetStream-source run, delete it after: each run starts
+        from nothing, and a core-source run's source server stores nothing (a stream capturing
+        ``assets.>`` there would cost it a file write per message and put its pauses into the
+        core relays' latency)."""
         nc = await nats.connect(self.source.url)
         try:
-            js = nc.jetstream()
-            for info in await js.consumers_info(SOURCE_STREAM):
-                await js.delete_consumer(SOURCE_STREAM, info.name)
-            await js.purge_stream(SOURCE_STREAM)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(SOURCE_STREAM)
         finally:
             await nc.close()
+        if present:
+            await self._add_stream(self.source.url, SOURCE_STREAM, self._storage())
 
     async def _target_streams(self, create: bool) -> None:
-        storage = StorageType.MEMORY if self.args.storage == "memory" else StorageType.FILE
         for target in self.targets:
             if create:
-                await self._add_stream(target.url, TARGET_STREAM, storage)
+                await self._add_stream(target.url, TARGET_STREAM, self._storage())
             else:
                 nc = await nats.connect(target.url)
                 try:
@@ -455,6 +461,7 @@ class Rig:
         probe_argv = [sys.executable, "-m", "bench.latency"]
         for t in self.targets:
             probe_argv += ["--target", t.url]
+        probe_argv += ["--source", self.source.url]
         for asset in self.traffic.probe_assets(self.args.probe_every):
             probe_argv += ["--asset", asset]
         probe = spawn(probe_argv, log=log, pipes=True)
@@ -511,7 +518,7 @@ class Rig:
         proc = None
         try:
             if sc.source == "jetstream":
-                asyncio.run(self._reset_source())
+                asyncio.run(self._source_stream(present=True))
                 if sc.js_targets:
                     asyncio.run(self._target_streams(create=True))
                 res.sent = self.preload(self.args.messages)
@@ -538,7 +545,7 @@ class Rig:
                 self.procs.remove(proc)
             if sc.source == "jetstream":
                 with contextlib.suppress(Exception):
-                    asyncio.run(self._reset_source())
+                    asyncio.run(self._source_stream(present=False))
                 if sc.js_targets:
                     with contextlib.suppress(Exception):
                         asyncio.run(self._target_streams(create=False))
@@ -641,6 +648,7 @@ def summarise(results: list[RunResult], order: list[str]) -> dict[str, dict[str,
             "machine_busy": median([r.machine_busy for r in runs]),
             "latency_p50_ms": median([r.latency.get("p50_ms", float("nan")) for r in runs]),
             "latency_p99_ms": median([r.latency.get("p99_ms", float("nan")) for r in runs]),
+            "latency_source_p99_ms": median([r.latency.get("source_p99_ms", float("nan")) for r in runs]),
             "latency_samples": sum(int(r.latency.get("count", 0)) for r in runs),
             "latency_rate": median([r.latency_rate for r in runs if r.latency]),
             "peak_rss_mb": max(r.peak_rss_mb for r in runs),
@@ -702,8 +710,8 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
     """The p99 goal for each forwarder mode that ran, with the same run's yardsticks beside it:
     on a machine that runs the servers too, they show how much of the figure is the machine's."""
 
-    def p99s(keys: dict[str, str]) -> dict[str, float]:
-        found = {k: summary.get(k, {}).get("latency_p99_ms", float("nan")) for k in keys}
+    def p99s(keys: dict[str, str], figure: str = "latency_p99_ms") -> dict[str, float]:
+        found = {k: summary.get(k, {}).get(figure, float("nan")) for k in keys}
         return {k: v for k, v in found.items() if v == v}  # NaN: no latency run
 
     judged = p99s(LATENCY_JUDGED)
@@ -715,6 +723,8 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
         "goal_ms": LATENCY_GOAL_MS,
         "forwarder_p99_ms": judged,
         "yardsticks_p99_ms": yardsticks,
+        # the same runs' messages as a subscriber on the source saw them: before any relay
+        "before_relay_p99_ms": p99s(LATENCY_JUDGED, "latency_source_p99_ms"),
         # each relay's own half: a faster relay is judged at a higher rate
         "rates": {k: summary[k].get("latency_rate", float("nan")) for k in [*judged, *yardsticks]},
         "met": max(judged.values()) < LATENCY_GOAL_MS,
@@ -731,12 +741,19 @@ def latency_line(verdict: dict[str, Any]) -> str:
 
         return ", ".join(f"{names[k]} {v:.1f} ms{at(k)}" for k, v in p99s.items())
 
-    judged = shown(LATENCY_JUDGED, verdict["forwarder_p99_ms"])
-    yardsticks = shown(LATENCY_YARDSTICKS, verdict["yardsticks_p99_ms"])
     name = f"latency p99 at {verdict['fraction']:.2f}x max rate"
     outcome = "met" if verdict["met"] else "MISSED"
-    line = f"{name:<40}{judged}  (goal < {verdict['goal_ms']:g} ms: {outcome})"
-    return f"{line}\n{'  the yardsticks in the same run':<40}{yardsticks}" if yardsticks else line
+    judged = shown(LATENCY_JUDGED, verdict["forwarder_p99_ms"])
+    lines = [f"{name:<40}{judged}  (goal < {verdict['goal_ms']:g} ms: {outcome})"]
+    if verdict["yardsticks_p99_ms"]:
+        yardsticks = shown(LATENCY_YARDSTICKS, verdict["yardsticks_p99_ms"])
+        lines.append(f"{'  the yardsticks in the same run':<40}{yardsticks}")
+    if verdict.get("before_relay_p99_ms"):
+        before = ", ".join(
+            f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["before_relay_p99_ms"].items()
+        )
+        lines.append(f"{'  before the relay (source subscriber)':<40}{before}")
+    return "\n".join(lines)
 
 
 def accounting_microbench(per_read: int = 100) -> dict[str, float]:
@@ -854,7 +871,7 @@ def soak(rig: Rig, sc: Scenario, seconds: float, every: float, out: IO[str]) -> 
     res = RunResult(sc.key, 1)
     log = rig.workdir / f"soak-{sc.key}.log"
     if sc.source == "jetstream":
-        asyncio.run(rig._reset_source())
+        asyncio.run(rig._source_stream(present=True))
         res.sent = rig.preload(rig.args.messages)
     base, first = rig.before_start()
     proc = rig.start_relay(sc, 1, log)
