@@ -457,13 +457,24 @@ class AckingPipeline:
             await self._park.stop()
         await self._dead.stop()
 
-    async def handle(self, msg: Any) -> None:
-        self._stats.received += 1
+    def handle_nowait(self, msg: Any) -> bool:
+        """The common case without awaiting: a cached route, a buffered publish, a place in its
+        lane's batch. False when the message needs ``handle``; nothing was done or counted then."""
         by_subject = self._route_subject
-        if by_subject is not None and msg.headers is None:  # the common case, without awaiting
+        if by_subject is not None and msg.headers is None:
             route = by_subject(msg.subject)
             if route.__class__ is tuple and route[0].submit_nowait(msg, route[1]):
-                return
+                self._stats.received += 1
+                return True
+        return False
+
+    def batch_done(self) -> None:
+        """Nothing per read: latencies are observed when a batch is acknowledged."""
+
+    async def handle(self, msg: Any) -> None:
+        if self.handle_nowait(msg):
+            return
+        self._stats.received += 1
         await self.dispatch(msg)
 
     def replayer(self, cluster: str) -> Callable[[Msg], Awaitable[None]]:

@@ -331,13 +331,10 @@ class Server:
         if self.should_exit:
             return
         self.pipeline.start()
-        if isinstance(self.pipeline, CorePipeline):
-            start = self._source.start(
-                self.pipeline.handle, self.pipeline.handle_nowait, self.pipeline.batch_done
-            )
-        else:
-            start = self._source.start(self.pipeline.handle)
-        await self._until_exit(start)
+        pipeline = self.pipeline
+        await self._until_exit(
+            self._source.start(pipeline.handle, pipeline.handle_nowait, pipeline.batch_done)
+        )
         await self._consume_parked(list(self._clusters))
         if self.live is not None and not self.should_exit:
             self._tasks.append(loop.create_task(self.live.run(), name="topology"))

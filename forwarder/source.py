@@ -51,6 +51,23 @@ class SourceMsg(Msg):
     origin_id: str | None = None  # ``stream:seq`` of the source message a parked copy stands for
 
 
+# SourceClient._build_message passes these by position; a nats-py that changed its Msg
+# fields would fail tests/test_source_parser.py's check of this tuple, not forward garbled messages.
+SOURCE_MSG_FIELDS = (
+    "_client",
+    "subject",
+    "reply",
+    "data",
+    "headers",
+    "_metadata",
+    "_ackd",
+    "_sid",
+    "received_at",
+    "reply_bytes",
+    "origin_id",
+)
+
+
 # nats-py's MSG and HMSG patterns separate fields by any regex whitespace (``\s``, which
 # includes \v and \f); the server separates them by spaces and tabs only, and \v and \f
 # are ordinary subject bytes to it. A subject holding one made nats-py misread the line:
@@ -232,16 +249,19 @@ class SourceClient(ResilientClient):
     ) -> SourceMsg:
         # nats-py decodes the subject strictly: a single non-UTF-8 byte raises inside the
         # read loop and silently ends it. Undecodable bytes become lone surrogates here,
-        # which the router recognises and dead-letters.
+        # which the router recognises and dead-letters. The fields by position (the order
+        # of SOURCE_MSG_FIELDS): by keyword, the dataclass's __init__ takes twice as long.
         return SourceMsg(
-            _client=self,
-            subject=subject.decode("utf-8", "surrogateescape"),
-            reply=reply.decode("utf-8", "surrogateescape"),
-            data=data,
-            headers=headers,
-            _sid=sid,
-            received_at=self.read_at,
-            reply_bytes=reply,
+            self,
+            subject.decode("utf-8", "surrogateescape"),
+            reply.decode("utf-8", "surrogateescape"),
+            data,
+            headers,
+            None,
+            False,
+            sid,
+            self.read_at,
+            reply,
         )
 
     async def send_empty(self, subjects: list[bytes]) -> None:
@@ -284,17 +304,74 @@ class UnstampedSourceClient(SourceClient):
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> SourceMsg:
         return SourceMsg(
-            _client=self,
-            subject=subject.decode("utf-8", "surrogateescape"),
-            reply=reply.decode("utf-8", "surrogateescape"),
-            data=data,
-            headers=headers,
-            _sid=sid,
+            self,
+            subject.decode("utf-8", "surrogateescape"),
+            reply.decode("utf-8", "surrogateescape"),
+            data,
+            headers,
+            None,
+            False,
+            sid,
         )
 
 
 def _nothing() -> None:
     pass
+
+
+class QueueConsumer:
+    """Takes messages off a subscription's pending queue, what one read of the socket brought
+    at a time, calling ``fast`` first and awaiting ``handler`` only for a message ``fast``
+    declined, and ``batch_done`` once the queue is empty again (before the buffered publishes
+    go out: nothing is written to a socket until the consumer yields). No await, and no
+    coroutine, per message: nats-py's delivery task pays two."""
+
+    def __init__(
+        self,
+        fast: FastHandler,
+        handler: MessageHandler,
+        batch_done: BatchDone,
+        stats: ConnectionStats,
+        log: Any,
+    ) -> None:
+        self.fast = fast
+        self.handler = handler
+        self.batch_done = batch_done
+        self.stats = stats
+        self.log = RateLimitedLogger(log)
+
+    async def drain(self, sub: Subscription | None, msg: Msg, taken: bool) -> None:
+        """``msg`` and then whatever else ``sub``'s queue holds. ``taken``: we took ``msg`` off the
+        queue and account for it (False: nats-py's delivery task did and does)."""
+        fast, handler, batch_done = self.fast, self.handler, self.batch_done
+        queue = sub._pending_queue if sub is not None else None
+        while True:  # what one read of the socket brought, then back to the event loop
+            if taken:
+                sub._pending_size -= len(msg.data)  # type: ignore[union-attr]
+            try:
+                if not fast(msg):
+                    # The batch ends wherever the loop yields: a steady trickle of messages
+                    # that await must not keep it open while the reader refills the queue.
+                    batch_done()
+                    await handler(msg)
+            except Exception as exc:  # a bug must not stop consuming; counted like nats-py's
+                self.stats.errors += 1
+                self.log.error("handler_failed", type(exc).__name__, error=repr(exc)[:300])
+            finally:
+                if taken:
+                    queue.task_done()  # type: ignore[union-attr]
+            if queue is None:
+                break
+            try:
+                msg = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            taken = True
+        try:
+            batch_done()
+        except Exception as exc:
+            self.stats.errors += 1
+            self.log.error("batch_done_failed", type(exc).__name__, error=repr(exc)[:300])
 
 
 class CoreSource:
@@ -311,7 +388,7 @@ class CoreSource:
         self.sub: Subscription | None = None
         self.stalls = 0  # read loops found dead and restarted
         self._consumer: asyncio.Task[None] | None = None
-        self._consumer_args: tuple[Subscription, FastHandler, MessageHandler, BatchDone] | None = None
+        self._consumer_args: tuple[Subscription, QueueConsumer] | None = None
 
     @property
     def connected(self) -> bool:
@@ -375,10 +452,15 @@ class CoreSource:
             pending_bytes_limit=self.settings.pending_bytes_limit,
         )
         if fast is not None:
-            self._consumer_args = (self.sub, fast, handler, batch_done or _nothing)
+            self._consumer_args = (self.sub, self._queue_consumer(handler, fast, batch_done))
             self._start_consumer()
         await confirmed_flush(self.nc, 5.0)  # "subscribed" means the server has it
         self.log.info("subscribed", subject=self.settings.subject, queue_group=self.settings.queue_group)
+
+    def _queue_consumer(
+        self, handler: MessageHandler, fast: FastHandler, batch_done: BatchDone | None
+    ) -> QueueConsumer:
+        return QueueConsumer(fast, handler, batch_done or _nothing, self.stats, self.log)
 
     def _start_consumer(self) -> None:
         assert self._consumer_args is not None
@@ -386,36 +468,10 @@ class CoreSource:
             self._run_consumer(*self._consumer_args), name="source-consumer"
         )
 
-    async def _run_consumer(
-        self, sub: Subscription, fast: FastHandler, handler: MessageHandler, batch_done: BatchDone
-    ) -> None:
+    async def _run_consumer(self, sub: Subscription, consumer: QueueConsumer) -> None:
         queue = sub._pending_queue
-        get_nowait, task_done = queue.get_nowait, queue.task_done
-        limited = RateLimitedLogger(self.log)
         while True:
-            msg = await queue.get()
-            while True:  # what one read of the socket brought, then back to the event loop
-                sub._pending_size -= len(msg.data)
-                try:
-                    if not fast(msg):
-                        # The batch ends wherever the loop yields: a steady trickle of messages
-                        # that await must not keep it open while the reader refills the queue.
-                        batch_done()
-                        await handler(msg)
-                except Exception as exc:  # a bug must not stop consuming; counted like nats-py's
-                    self.stats.errors += 1
-                    limited.error("handler_failed", type(exc).__name__, error=repr(exc)[:300])
-                finally:
-                    task_done()
-                try:
-                    msg = get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-            try:
-                batch_done()
-            except Exception as exc:
-                self.stats.errors += 1
-                limited.error("batch_done_failed", type(exc).__name__, error=repr(exc)[:300])
+            await consumer.drain(sub, await queue.get(), taken=True)
 
     async def check(self) -> None:
         """Housekeeping: a read loop that died while 'connected' is restarted and counted;
@@ -451,7 +507,7 @@ class CoreSource:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             assert self._consumer_args is not None
-            self._consumer_args[3]()  # the last batch's latencies, had the loop not reached them
+            self._consumer_args[1].batch_done()  # the last batch's latencies, had the loop not reached them
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish on the source connection (dead letters)."""
@@ -521,8 +577,9 @@ class JetStreamSource(CoreSource):
     async def start(
         self, handler: MessageHandler, fast: FastHandler | None = None, batch_done: BatchDone | None = None
     ) -> None:
-        """The JetStream push subscription (``fast`` and ``batch_done`` are not used: flow control and
-        heartbeats need nats-py's own delivery loop)."""
+        """The JetStream push subscription. nats-py's delivery task stays (flow control and
+        heartbeats count on it); with ``fast``, the callback it awaits for one message also
+        takes the rest of the queue, as the core source's consume loop does."""
         if self.nc is None:
             await self.connect()
         assert self.nc is not None
@@ -541,10 +598,20 @@ class JetStreamSource(CoreSource):
             await asyncio.sleep(STREAM_RETRY_INTERVAL)
         if self.parking:
             await self._ensure_park_stream()
-        self.sub = await self._consume(cfg.stream, cfg.durable, self.settings.subject, handler)
+        deliver = handler if fast is None else self._draining(self._queue_consumer(handler, fast, batch_done))
+        self.sub = await self._consume(cfg.stream, cfg.durable, self.settings.subject, deliver)
         await confirmed_flush(self.nc, 5.0)
         self.stats.last_error = None
         self.log.info("subscribed", stream=cfg.stream, durable=cfg.durable, subject=self.settings.subject)
+
+    def _draining(self, consumer: QueueConsumer) -> MessageHandler:
+        """The callback for nats-py's delivery task: its message, then the queue behind it."""
+
+        async def deliver(msg: Msg) -> None:
+            sid = msg._sid
+            await consumer.drain(msg._client._subs.get(sid) if sid is not None else None, msg, taken=False)
+
+        return deliver
 
     async def _consume(
         self, stream: str, durable: str, subject: str, handler: MessageHandler

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.protocol.parser import Parser
 
-from forwarder.source import SourceParser
+from forwarder.source import SOURCE_MSG_FIELDS, SourceClient, SourceMsg, SourceParser, UnstampedSourceClient
 
 
 class Recorder:
@@ -117,3 +118,18 @@ async def test_a_read_of_many_messages_compacts_the_buffer_once() -> None:
     await parser.parse(b"defghij\r\n")
     assert parser.nc.calls[-1][4] == b"abcdefghij"
     assert not parser.buf
+
+
+def test_messages_are_built_with_every_field_where_its_name_says() -> None:
+    # _build_message passes the fields by position: nats-py's Msg must still have this order.
+    assert tuple(f.name for f in dataclasses.fields(SourceMsg)) == SOURCE_MSG_FIELDS
+    client = SourceClient()
+    client.read_at = 12.5
+    msg = client._build_message(7, b"assets.a\xff.b", b"$JS.ACK.S.C.1.2.3.4.0", b"data", {"A": "b"})
+    assert (msg._client, msg._sid, msg.data, msg.headers) == (client, 7, b"data", {"A": "b"})
+    assert msg.subject == "assets.a\udcff.b"  # undecodable bytes kept as lone surrogates
+    assert (msg.reply, msg.reply_bytes) == ("$JS.ACK.S.C.1.2.3.4.0", b"$JS.ACK.S.C.1.2.3.4.0")
+    assert (msg.received_at, msg._metadata, msg._ackd, msg.origin_id) == (12.5, None, False, None)
+    unstamped = UnstampedSourceClient()._build_message(3, b"a.b", b"", b"x", None)
+    assert (unstamped.subject, unstamped.reply, unstamped._sid, unstamped.received_at) == ("a.b", "", 3, 0.0)
+    assert (unstamped._metadata, unstamped._ackd, unstamped.headers) == (None, False, None)

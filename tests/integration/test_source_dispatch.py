@@ -169,3 +169,65 @@ async def test_stop_after_the_connection_is_lost_handles_what_had_arrived(nats_s
         full.go_on.set()
         await publisher.close()
         await source.close()
+
+
+async def test_jetstream_deliveries_take_the_queue_behind_them_in_order_with_exact_pending_counts(
+    source_server: LocalServer,
+) -> None:
+    """JetStream source with a fast path: nats-py's delivery task awaits the callback for one
+    message and the callback takes what queued up behind it, ``fast`` first, the handler for
+    what ``fast`` declines, in stream order. A handler that raises is counted and the rest
+    still flows; flow control keeps the backlog moving; the queue's counts end at zero."""
+    publisher = await nats_py.connect(source_server.url)
+    source = None
+    try:
+        js = publisher.jetstream()
+        await js.add_stream(name="S", subjects=["assets.>"])
+        total = 3000
+        for i in range(total):
+            headers = {"Kind": "slow"} if i % 100 == 7 else None
+            subject = "assets.boom.v" if i == 1500 else f"assets.a{i}.v"
+            await publisher.publish(subject, b"x" * 512, headers=headers)
+        await publisher.flush()
+        settings = SourceSettings(
+            ConnectionSettings(servers=(source_server.url,), name="source"),
+            subject="assets.>",
+            jetstream=JetStreamSourceSettings(
+                stream="S", durable="D", ack_wait=30.0, backoff=(), idle_heartbeat=0.5, park_stream=None
+            ),
+        )
+        source = JetStreamSource(settings)
+        order: list[int] = []
+        taken: list[Any] = []
+        awaited = 0
+
+        def fast(msg: Any) -> bool:
+            if msg.headers is not None or msg.subject == "assets.boom.v":
+                return False
+            order.append(msg.metadata.sequence.stream)
+            taken.append(msg)
+            return True
+
+        async def handler(msg: Any) -> None:
+            nonlocal awaited
+            awaited += 1
+            await asyncio.sleep(0)  # a handler that really awaits: more arrives meanwhile
+            if msg.subject == "assets.boom.v":
+                raise RuntimeError("boom")
+            order.append(msg.metadata.sequence.stream)
+            taken.append(msg)
+
+        await source.start(handler, fast)
+        await async_wait_until(lambda: len(order) == total - 1, timeout=60, message="every message handled")
+        assert order == sorted(order)  # stream order, the awaited ones in their places
+        assert 1501 not in order and len(set(order)) == total - 1
+        assert awaited == total // 100 + 1  # the 30 with headers and the one that raised
+        assert source.stats.errors == 1
+        assert source.sub is not None
+        assert (source.sub.pending_msgs, source.sub.pending_bytes) == (0, 0)
+        await source.ack(taken)
+    finally:
+        if source is not None:
+            await source.stop()
+            await source.close()
+        await publisher.close()
