@@ -470,7 +470,13 @@ class Rig:
             if read_line(probe, 20, "latency probe", log) != "ready":
                 raise RuntimeError("latency probe: unexpected output")
             base = self.arrivals.in_msgs()
+            source_pids = list(self.source.pids)
+            t0, busy0 = time.monotonic(), procstat.system_busy_seconds()[0]
+            source0 = procstat.tree_cpu_seconds(source_pids)
             sent = self.pace(rate, seconds, on_tick)
+            elapsed = time.monotonic() - t0
+            busy = (procstat.system_busy_seconds()[0] - busy0) / elapsed
+            source_cores = (procstat.tree_cpu_seconds(source_pids) - source0) / elapsed
             deadline = time.monotonic() + 10
             while self.arrivals.in_msgs() - base < sent and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -478,6 +484,8 @@ class Rig:
             assert probe.stdin is not None
             probe.stdin.close()
             res.latency = json.loads(read_line(probe, 20, "latency probe", log))
+            # what the machine and the source server did meanwhile: the tail's context
+            res.latency.update(machine_busy=busy, source_server_cores=source_cores)
             res.latency_rate = rate
         finally:
             stop(probe, timeout=5)
@@ -649,6 +657,10 @@ def summarise(results: list[RunResult], order: list[str]) -> dict[str, dict[str,
             "latency_p50_ms": median([r.latency.get("p50_ms", float("nan")) for r in runs]),
             "latency_p99_ms": median([r.latency.get("p99_ms", float("nan")) for r in runs]),
             "latency_source_p99_ms": median([r.latency.get("source_p99_ms", float("nan")) for r in runs]),
+            "latency_machine_busy": median([r.latency.get("machine_busy", float("nan")) for r in runs]),
+            "latency_source_cores": median(
+                [r.latency.get("source_server_cores", float("nan")) for r in runs]
+            ),
             "latency_samples": sum(int(r.latency.get("count", 0)) for r in runs),
             "latency_rate": median([r.latency_rate for r in runs if r.latency]),
             "peak_rss_mb": max(r.peak_rss_mb for r in runs),
@@ -725,6 +737,9 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
         "yardsticks_p99_ms": yardsticks,
         # the same runs' messages as a subscriber on the source saw them: before any relay
         "before_relay_p99_ms": p99s(LATENCY_JUDGED, "latency_source_p99_ms"),
+        # cores the machine and the source server used during those runs (of os.cpu_count())
+        "machine_busy": p99s(LATENCY_JUDGED, "latency_machine_busy"),
+        "source_server_cores": p99s(LATENCY_JUDGED, "latency_source_cores"),
         # each relay's own half: a faster relay is judged at a higher rate
         "rates": {k: summary[k].get("latency_rate", float("nan")) for k in [*judged, *yardsticks]},
         "met": max(judged.values()) < LATENCY_GOAL_MS,
@@ -753,6 +768,13 @@ def latency_line(verdict: dict[str, Any]) -> str:
             f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["before_relay_p99_ms"].items()
         )
         lines.append(f"{'  before the relay (source subscriber)':<40}{before}")
+    busy, source = verdict.get("machine_busy", {}), verdict.get("source_server_cores", {})
+    if busy:
+        meanwhile = ", ".join(
+            f"{LATENCY_JUDGED[k]} {v:.2f}" + (f" ({source[k]:.2f} source server)" if k in source else "")
+            for k, v in busy.items()
+        )
+        lines.append(f"{f'  cores busy meanwhile, of {os.cpu_count()}':<40}{meanwhile}")
     return "\n".join(lines)
 
 

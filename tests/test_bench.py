@@ -7,6 +7,7 @@ every scenario ran, the table was printed and the JSON file is complete.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
     assert set(verdict["forwarder_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert set(verdict["yardsticks_p99_ms"]) == {"bare-core", "bare-js", "raw-ceiling"}
     assert set(verdict["before_relay_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
+    assert all(0 < busy <= doc["machine"]["nproc"] for busy in verdict["machine_busy"].values())
+    assert set(verdict["source_server_cores"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert "latency p99 at 0.50x max rate" in proc.stdout
     assert all(run["error"] is None and run["exit_code"] == 0 for run in doc["runs"])
 
@@ -79,8 +82,14 @@ def test_the_soak_tells_the_intervals_where_the_relay_fell_behind_from_the_other
 def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_without_a_latency_run() -> None:
     nan = float("nan")
     summary = {
-        "fwd-core": {"latency_p99_ms": 3.0, "latency_rate": 40_000.0, "latency_source_p99_ms": 1.2},
-        "fwd-js-core": {"latency_p99_ms": 4.9, "latency_source_p99_ms": 1.4},
+        "fwd-core": {
+            "latency_p99_ms": 3.0,
+            "latency_rate": 40_000.0,
+            "latency_source_p99_ms": 1.2,
+            "latency_machine_busy": 1.25,
+            "latency_source_cores": 0.3,
+        },
+        "fwd-js-core": {"latency_p99_ms": 4.9, "latency_source_p99_ms": 1.4, "latency_machine_busy": 1.5},
         "fwd-js-js": {"latency_p99_ms": nan},  # --latency-seconds 0, or the run failed
         "bare-core": {"latency_p99_ms": 2.5, "latency_rate": 36_400.0},
         "raw-ceiling": {"runs": 0},
@@ -94,6 +103,7 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
         "latency p99 at 0.50x max rate           core 3.0 ms at 40k/s, JS->core 4.9 ms  (goal < 5 ms: met)",
         "  the yardsticks in the same run        bare relay 2.5 ms at 36k/s",
         "  before the relay (source subscriber)  core 1.2 ms, JS->core 1.4 ms",
+        f"{f'  cores busy meanwhile, of {os.cpu_count()}':<40}core 1.25 (0.30 source server), JS->core 1.50",
     ]
     summary["fwd-js-js"]["latency_p99_ms"] = 5.0  # the goal is strictly under 5 ms
     verdict = latency_verdict(summary, 0.25)
