@@ -46,6 +46,7 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
         assert summary["cpu_us_per_msg"] >= 0, key  # a tiny run may stay under one 10 ms tick
         assert summary["peak_rss_mb"] > 0, key
         assert summary["latency_samples"] > 0, key
+        assert summary["live_msgs_per_s"] > 0, key  # the latency runs' basis
     assert {"core_vs_bare", "js_core_vs_bare_js", "accounting_cost_core"} <= set(doc["ratios"])
     verdict = doc["ratios"]["latency_goal"]
     assert set(verdict["forwarder_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
@@ -53,7 +54,8 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
     assert set(verdict["before_relay_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert all(0 < busy <= doc["machine"]["nproc"] for busy in verdict["machine_busy"].values())
     assert set(verdict["source_server_cores"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
-    assert "latency p99 at 0.50x max rate" in proc.stdout
+    assert all(0 <= share <= 1 for share in verdict["behind_at_end"].values())
+    assert "latency p99 at 0.50x live max rate" in proc.stdout
     assert all(run["error"] is None and run["exit_code"] == 0 for run in doc["runs"])
 
 
@@ -89,7 +91,12 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
             "latency_machine_busy": 1.25,
             "latency_source_cores": 0.3,
         },
-        "fwd-js-core": {"latency_p99_ms": 4.9, "latency_source_p99_ms": 1.4, "latency_machine_busy": 1.5},
+        "fwd-js-core": {
+            "latency_p99_ms": 4.9,
+            "latency_source_p99_ms": 1.4,
+            "latency_machine_busy": 1.5,
+            "latency_behind_at_end": 0.25,
+        },
         "fwd-js-js": {"latency_p99_ms": nan},  # --latency-seconds 0, or the run failed
         "bare-core": {"latency_p99_ms": 2.5, "latency_rate": 36_400.0},
         "raw-ceiling": {"runs": 0},
@@ -100,10 +107,11 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
     assert verdict["forwarder_p99_ms"] == {"fwd-core": 3.0, "fwd-js-core": 4.9}
     assert verdict["yardsticks_p99_ms"] == {"bare-core": 2.5}
     assert latency_line(verdict).splitlines() == [
-        "latency p99 at 0.50x max rate           core 3.0 ms at 40k/s, JS->core 4.9 ms  (goal < 5 ms: met)",
+        "latency p99 at 0.50x live max rate      core 3.0 ms at 40k/s, JS->core 4.9 ms  (goal < 5 ms: met)",
         "  the yardsticks in the same run        bare relay 2.5 ms at 36k/s",
         "  before the relay (source subscriber)  core 1.2 ms, JS->core 1.4 ms",
         f"{f'  cores busy meanwhile, of {os.cpu_count()}':<40}core 1.25 (0.30 source server), JS->core 1.50",
+        "  behind as the producer stops          JS->core 25.0%",
     ]
     summary["fwd-js-js"]["latency_p99_ms"] = 5.0  # the goal is strictly under 5 ms
     verdict = latency_verdict(summary, 0.25)
