@@ -12,7 +12,9 @@ and repetition:
    has work); JetStream source: the backlog is stored first, then the relay starts.
    Arrivals are counted on the targets' ``/varz`` ``in_msgs``; messages/s and the
    relay's CPU per message come from the steady part of the run (10%..90% arrived);
-2. latency at half that rate: paced, time-stamped messages; a probe subscribed to a
+   for a JetStream source that is its drain rate, so a live run follows (the producer
+   writes the stream, the same window ahead, while the relay forwards);
+2. latency at half the live rate: paced, time-stamped messages; a probe subscribed to a
    sample of the assets on every target takes the kernel's receive time of each minus
    its stamp (p50/p99), and the same on the source: the latency before any relay;
 3. peak RSS (VmHWM) of the relay's processes.
@@ -757,26 +759,26 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
     """The p99 goal for each forwarder mode that ran, with the same run's yardsticks beside it:
     on a machine that runs the servers too, they show how much of the figure is the machine's."""
 
-    def p99s(keys: dict[str, str], figure: str = "latency_p99_ms") -> dict[str, float]:
+    def figures(keys: dict[str, str], figure: str = "latency_p99_ms") -> dict[str, float]:
         found = {k: summary.get(k, {}).get(figure, float("nan")) for k in keys}
         return {k: v for k, v in found.items() if v == v}  # NaN: no latency run
 
-    judged = p99s(LATENCY_JUDGED)
+    judged = figures(LATENCY_JUDGED)
     if not judged:
         return None
-    yardsticks = p99s(LATENCY_YARDSTICKS)
+    yardsticks = figures(LATENCY_YARDSTICKS)
     return {
         "fraction": fraction,
         "goal_ms": LATENCY_GOAL_MS,
         "forwarder_p99_ms": judged,
         "yardsticks_p99_ms": yardsticks,
         # the same runs' messages as a subscriber on the source saw them: before any relay
-        "before_relay_p99_ms": p99s(LATENCY_JUDGED, "latency_source_p99_ms"),
+        "before_relay_p99_ms": figures(LATENCY_JUDGED, "latency_source_p99_ms"),
         # cores the machine and the source server used during those runs (of os.cpu_count())
-        "machine_busy": p99s(LATENCY_JUDGED, "latency_machine_busy"),
-        "source_server_cores": p99s(LATENCY_JUDGED, "latency_source_cores"),
+        "machine_busy": figures(LATENCY_JUDGED, "latency_machine_busy"),
+        "source_server_cores": figures(LATENCY_JUDGED, "latency_source_cores"),
         # the share of the run's messages not yet forwarded when the producer stopped
-        "behind_at_end": p99s(LATENCY_JUDGED, "latency_behind_at_end"),
+        "behind_at_end": figures(LATENCY_JUDGED, "latency_behind_at_end"),
         # each relay's own half: a faster relay is judged at a higher rate
         "rates": {k: summary[k].get("latency_rate", float("nan")) for k in [*judged, *yardsticks]},
         "met": max(judged.values()) < LATENCY_GOAL_MS,
@@ -1064,7 +1066,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--assets", type=int, default=2000, help="distinct assets (5 subjects each; default 2000)")
     p.add_argument("--latency-seconds", type=float, default=2.0, help="latency run length (0: skip)")
     p.add_argument("--latency-fraction", type=float, default=0.5,
-                   help="latency run rate as a fraction of the run's maximum (default 0.5)")  # fmt: skip
+                   help="latency run rate as a fraction of the run's live maximum (default 0.5)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=50, help="the latency probe listens to every Nth asset")
     p.add_argument("--window", type=int, default=40_000, help="core runs: messages ahead of the relay")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
