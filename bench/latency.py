@@ -3,7 +3,9 @@ each message it sees, its arrival time minus the send stamp in the payload.
 
 It also subscribes on the source to the same assets (``--source``): the latency a
 subscriber there sees is what the producer, the source server and this machine add
-before any relay is involved (``source_*``).
+before any relay is involved (``source_*``). Each message's two arrivals, paired by
+subject and stamp, give the relay hop alone (``relay_hop_*``: target minus source; it
+can be slightly negative where the source server wrote to the relay before the probe).
 
 Arrival is when the message reached the probe's socket: the kernel's receive timestamp
 (``SO_TIMESTAMPNS``) of the read that completed it. The time the probe itself then took
@@ -29,6 +31,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.load import STAMP_AT, STAMP_LEN, complete_msgs
@@ -71,12 +74,46 @@ def realtime_to_monotonic_ns() -> int:
     return best[1]
 
 
+Arrival = Callable[[tuple[bytes, int], int], None]  # (subject, stamp), socket arrival (ns)
+
+
+class HopPairs:
+    """Each sampled message's arrival on the source and on its target, paired as they come in
+    (either socket may be read first); a pair, once met, is dropped: a soak stays small."""
+
+    def __init__(self) -> None:
+        self._waiting: tuple[dict[tuple[bytes, int], int], dict[tuple[bytes, int], int]] = ({}, {})
+        self.hops: list[int] = []  # target arrival minus source arrival, ns
+
+    def at_source(self, key: tuple[bytes, int], arrived: int) -> None:
+        other = self._waiting[1].pop(key, None)
+        if other is None:
+            self._waiting[0][key] = arrived
+        else:
+            self.hops.append(other - arrived)
+
+    def at_target(self, key: tuple[bytes, int], arrived: int) -> None:
+        other = self._waiting[0].pop(key, None)
+        if other is None:
+            self._waiting[1][key] = arrived
+        else:
+            self.hops.append(arrived - other)
+
+
 class Subscriber:
     """One raw NATS connection with subscriptions; parses ``MSG`` frames as they complete."""
 
-    def __init__(self, url: str, subjects: list[str], arrivals: list[int], seen: list[int]) -> None:
+    def __init__(
+        self,
+        url: str,
+        subjects: list[str],
+        arrivals: list[int],
+        seen: list[int],
+        arrived_at: Arrival | None = None,
+    ) -> None:
         self.arrivals = arrivals
         self.seen = seen
+        self.arrived_at = arrived_at
         host, port = url.removeprefix("nats://").rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -118,10 +155,13 @@ class Subscriber:
         msgs, used, ping = complete_msgs(buf)
         if ping:
             self.sock.sendall(b"PONG\r\n")
-        for _subject, start, _end in msgs:
+        note = self.arrived_at
+        for subject, start, _end in msgs:
             stamp = int(buf[start + STAMP_AT : start + STAMP_AT + STAMP_LEN])
             self.arrivals.append(arrived - stamp)
             self.seen.append(now - stamp)
+            if note is not None:
+                note((subject, stamp), arrived)
         self.buf = buf[used:]
 
 
@@ -130,9 +170,11 @@ def run(args: argparse.Namespace) -> int:
     arrivals: list[int] = []
     seen: list[int] = []
     at_source: list[int] = []
-    subscribers = [Subscriber(url, subjects, arrivals, seen) for url in args.target]
-    if args.source:
-        subscribers.append(Subscriber(args.source, subjects, at_source, []))
+    pairs = HopPairs() if args.source else None
+    on_target = pairs.at_target if pairs is not None else None
+    subscribers = [Subscriber(url, subjects, arrivals, seen, on_target) for url in args.target]
+    if pairs is not None:
+        subscribers.append(Subscriber(args.source, subjects, at_source, [], pairs.at_source))
     by_fd = {sub.sock.fileno(): sub for sub in subscribers}
     print("ready", flush=True)
     stdin = sys.stdin.fileno()
@@ -144,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                     for sub in subscribers:  # what already arrived
                         sub.read()
                     report = summary(arrivals) | summary(seen, "app_") | summary(at_source, "source_")
+                    report |= summary(pairs.hops if pairs is not None else [], "relay_hop_")
                     print(json.dumps(report), flush=True)
                     return 0
             else:

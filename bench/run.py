@@ -693,6 +693,9 @@ def summarise(results: list[RunResult], order: list[str]) -> dict[str, dict[str,
             "latency_p50_ms": median([r.latency.get("p50_ms", float("nan")) for r in runs]),
             "latency_p99_ms": median([r.latency.get("p99_ms", float("nan")) for r in runs]),
             "latency_source_p99_ms": median([r.latency.get("source_p99_ms", float("nan")) for r in runs]),
+            "latency_relay_hop_p99_ms": median(
+                [r.latency.get("relay_hop_p99_ms", float("nan")) for r in runs]
+            ),
             "latency_machine_busy": median([r.latency.get("machine_busy", float("nan")) for r in runs]),
             "latency_source_cores": median(
                 [r.latency.get("source_server_cores", float("nan")) for r in runs]
@@ -774,6 +777,8 @@ def latency_verdict(summary: dict[str, dict[str, Any]], fraction: float) -> dict
         "yardsticks_p99_ms": yardsticks,
         # the same runs' messages as a subscriber on the source saw them: before any relay
         "before_relay_p99_ms": figures(LATENCY_JUDGED, "latency_source_p99_ms"),
+        # each message's arrival on its target minus its arrival on the source: the relay hop
+        "relay_hop_p99_ms": figures(LATENCY_JUDGED, "latency_relay_hop_p99_ms"),
         # cores the machine and the source server used during those runs (of os.cpu_count())
         "machine_busy": figures(LATENCY_JUDGED, "latency_machine_busy"),
         "source_server_cores": figures(LATENCY_JUDGED, "latency_source_cores"),
@@ -807,6 +812,9 @@ def latency_line(verdict: dict[str, Any]) -> str:
             f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["before_relay_p99_ms"].items()
         )
         lines.append(f"{'  before the relay (source subscriber)':<40}{before}")
+    if verdict.get("relay_hop_p99_ms"):
+        hop = ", ".join(f"{LATENCY_JUDGED[k]} {v:.1f} ms" for k, v in verdict["relay_hop_p99_ms"].items())
+        lines.append(f"{'  the relay hop alone (target - source)':<40}{hop}")
     busy, source = verdict.get("machine_busy", {}), verdict.get("source_server_cores", {})
     if busy:
         meanwhile = ", ".join(

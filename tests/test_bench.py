@@ -52,6 +52,7 @@ def test_the_bench_runs_every_scenario_and_writes_table_and_json(tmp_path: Path)
     assert set(verdict["forwarder_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert set(verdict["yardsticks_p99_ms"]) == {"bare-core", "bare-js", "raw-ceiling"}
     assert set(verdict["before_relay_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
+    assert set(verdict["relay_hop_p99_ms"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert all(0 < busy <= doc["machine"]["nproc"] for busy in verdict["machine_busy"].values())
     assert set(verdict["source_server_cores"]) == {"fwd-core", "fwd-js-core", "fwd-js-js"}
     assert all(0 <= share <= 1 for share in verdict["behind_at_end"].values())
@@ -88,6 +89,7 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
             "latency_p99_ms": 3.0,
             "latency_rate": 40_000.0,
             "latency_source_p99_ms": 1.2,
+            "latency_relay_hop_p99_ms": 1.9,
             "latency_machine_busy": 1.25,
             "latency_source_cores": 0.3,
         },
@@ -110,6 +112,7 @@ def test_the_latency_verdict_judges_the_worst_forwarder_mode_and_skips_modes_wit
         "latency p99 at 0.50x live max rate      core 3.0 ms at 40k/s, JS->core 4.9 ms  (goal < 5 ms: met)",
         "  the yardsticks in the same run        bare relay 2.5 ms at 36k/s",
         "  before the relay (source subscriber)  core 1.2 ms, JS->core 1.4 ms",
+        "  the relay hop alone (target - source) core 1.9 ms",
         f"{f'  cores busy meanwhile, of {os.cpu_count()}':<40}core 1.25 (0.30 source server), JS->core 1.50",
         "  behind as the producer stops          JS->core 25.0%",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from bench.latency import Subscriber, summary
+from bench.latency import HopPairs, Subscriber, summary
 from bench.load import RawPublisher, Traffic
 from forwarder.embedded import LocalServer
 
@@ -52,3 +52,15 @@ def test_percentiles_pick_the_nearest_rank_and_say_nan_for_nothing() -> None:
     empty = summary([], "source_")
     assert empty["source_count"] == 0
     assert empty["source_p99_ms"] != empty["source_p99_ms"]  # NaN
+
+
+def test_hop_pairs_meet_each_message_s_two_arrivals_in_either_order_and_forget_them() -> None:
+    pairs = HopPairs()
+    pairs.at_source((b"assets.a.x", 1), 100)
+    pairs.at_target((b"assets.b.x", 1), 150)  # its source arrival is read later
+    pairs.at_target((b"assets.a.x", 1), 130)
+    pairs.at_source((b"assets.b.x", 1), 160)  # the relay's write came in first: negative
+    pairs.at_target((b"assets.a.x", 2), 500)  # never seen on the source: no hop
+    assert pairs.hops == [30, -10]
+    pairs.at_source((b"assets.a.x", 1), 900)  # met already: waits anew, no second hop
+    assert pairs.hops == [30, -10]
