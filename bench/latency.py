@@ -86,18 +86,18 @@ class HopPairs:
         self.hops: list[int] = []  # target arrival minus source arrival, ns
 
     def at_source(self, key: tuple[bytes, int], arrived: int) -> None:
-        other = self._waiting[1].pop(key, None)
-        if other is None:
-            self._waiting[0][key] = arrived
-        else:
-            self.hops.append(other - arrived)
+        self._meet(key, arrived, side=0)
 
     def at_target(self, key: tuple[bytes, int], arrived: int) -> None:
-        other = self._waiting[0].pop(key, None)
+        self._meet(key, arrived, side=1)
+
+    def _meet(self, key: tuple[bytes, int], arrived: int, side: int) -> None:
+        """Wait on ``side`` for the other arrival, or pair with it if it came first."""
+        other = self._waiting[1 - side].pop(key, None)
         if other is None:
-            self._waiting[1][key] = arrived
+            self._waiting[side][key] = arrived
         else:
-            self.hops.append(arrived - other)
+            self.hops.append(arrived - other if side else other - arrived)
 
 
 class Subscriber:
