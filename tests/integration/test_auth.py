@@ -371,8 +371,8 @@ async def test_a_jwt_that_expires_while_connected_is_retried_until_renewed(nats_
         "C1": {"servers": [target.url], "auth": {"credentials": str(creds)}, "reconnect_time_wait": 0.5}
     }
     fwd = forwarder(write_config(tmp_path / "f.yaml", source.url, clusters)).wait_ready()
-    wait_until(lambda: not fwd.ready(), 15, message="the expired JWT did not disconnect C1")
-    assert "C1" in not_ready(fwd)
+    # C1 itself named not ready: a /readyz that merely timed out on a busy machine is not it
+    wait_until(lambda: "C1" in not_ready(fwd), 15, message="the expired JWT did not disconnect C1")
     fresh_jwt, fresh_key = chain.user()
     write_secret(creds, creds_text(fresh_jwt, fresh_key.seed))
     fwd.wait_ready(timeout=20)
