@@ -197,3 +197,28 @@ def test_demo_runs_to_completion_from_any_directory(tmp_path):
     assert "result: OK" in out
     for name in ("C1", "C2", "C3"):
         assert f"  {name} " in out
+
+
+def test_the_demo_takes_one_stop_request_delivered_twice_as_one():
+    """`timeout make demo` signals the process group and make passes the signal on: two SIGTERMs
+    within milliseconds are one request (a clean stop and a summary), not "again to force"."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "demo", "--rate", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # until the forwarder is up
+            if line.startswith("demo: forwarder ready"):
+                break
+        demo.send_signal(signal.SIGTERM)
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, out + err
+    assert "result: OK" in out
+    assert "forced_exit" not in err
+    assert "shutdown_step_timed_out" not in err
